@@ -1,0 +1,126 @@
+"""The `daq-vllm` command line: `quantize` and `eval`.
+
+Bad input ends with one line on stderr (`daq-vllm: error: ...`), exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import DAQError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from .codebooks import CODEBOOKS
+    from .format import SUPPORTED_GROUP_SIZES
+    from .offline.quantizer import DCA_CENTERS, INIT_METHODS
+
+    p = sub.add_parser("quantize", help="quantize a model into a DAQ checkpoint")
+    p.add_argument("model", help="Hugging Face model directory or .gguf file")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--format", default="fp4_e2m1", choices=list(CODEBOOKS), help="codebook (default: fp4_e2m1)")
+    p.add_argument("--group-size", type=int, default=128, help=f"inputs per group, one of {SUPPORTED_GROUP_SIZES} (default: 128)")
+    p.add_argument("--method", default="dca", choices=list(INIT_METHODS), help="range initializer (default: dca)")
+    p.add_argument("--dca-center", default="quantile", choices=list(DCA_CENTERS), help="DCA centre estimator (default: quantile)")
+    p.add_argument("--dca-shrink", type=float, default=0.9, help="DCA half-extent factor (default: 0.9)")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="leave linears matching this glob in full precision (repeatable)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default: cpu)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB", help="safetensors shard size bound in GB (default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate WikiText-2 perplexity of a model or DAQ checkpoint")
+    p.add_argument("model", help="model directory (full precision or DAQ) or .gguf file")
+    p.add_argument("--ppl", default="wikitext2", choices=["wikitext2"], help="perplexity task (default: wikitext2)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
+    p.add_argument("--data", default=None, help="path to wiki.test.raw (default: found under shared/data)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daq-vllm", description="DAQ weight-only quantization and serving")
+    parser.add_argument("--version", action="version", version=f"daq-vllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    return parser
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .offline.pipeline import QuantizeOptions, quantize_model
+    from .offline.quantizer import InitSpec
+
+    if not 0 < args.dca_shrink <= 4:
+        raise DAQError(f"--dca-shrink {args.dca_shrink} is out of range; use a value in (0, 4]")
+    if args.max_shard_size <= 0:
+        raise DAQError("--max-shard-size must be positive")
+    opts = QuantizeOptions(
+        format=args.format,
+        group_size=args.group_size,
+        init=InitSpec(method=args.method, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
+        skip=args.skip,
+        quantize_lm_head=args.quantize_lm_head,
+        device=args.device,
+        max_shard_bytes=int(args.max_shard_size * 1024**3),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    report = quantize_model(args.model, args.out, opts)
+    print(
+        f"wrote {args.out}: {report['quantized_linears']} linears as {args.format} g{args.group_size} "
+        f"({report['bits_per_weight']:.2f} bits/weight) in {report['seconds']:.1f} s"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import WIKITEXT2_TEST, find_data_file, wikitext2_eval_text
+    from .loading import load
+    from .perplexity import perplexity, tokenize_text
+
+    if args.max_windows is not None and args.max_windows < 1:
+        raise DAQError("--max-windows must be at least 1")
+    text = wikitext2_eval_text(find_data_file(WIKITEXT2_TEST, args.data))
+    model, tokenizer = load(args.model, device=args.device)
+    ids = tokenize_text(tokenizer, text)
+    try:
+        result = perplexity(model, ids, args.seqlen, args.max_windows, progress=not args.no_progress)
+    except ValueError as e:
+        raise DAQError(str(e)) from None
+    if args.json:
+        print(json.dumps({"model": str(args.model), "task": args.ppl, **result.__dict__}))
+    else:
+        print(f"wikitext2 perplexity {result.perplexity:.4f} ({result.windows}/{result.total_windows} windows of {result.seqlen})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+    except DAQError as e:
+        print(f"daq-vllm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("daq-vllm: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("daq-vllm: error: out of memory; use a machine with more memory or --device cuda", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

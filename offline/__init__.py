@@ -1,0 +1,1 @@
+"""The DAQ quantizer: group quantization, model walking and checkpoint writing."""

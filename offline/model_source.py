@@ -1,0 +1,232 @@
+"""Read a model to quantize: a Hugging Face directory (streamed tensor by tensor) or a .gguf file.
+
+The quantizer never needs the whole model in memory: it walks a skeleton built on the meta device
+(for the module tree: which modules are decoder layers and linears) and reads each tensor from the
+safetensors files only when it is processed. A .gguf file is dequantized by transformers in memory
+(GGUF models are small enough for that); other inputs fail with a one-line DAQError.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from daq_vllm.errors import DAQError
+from daq_vllm.loading import strip_gguf_marker
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer: its module path and the full names of the linears inside it."""
+
+    name: str
+    module: nn.Module
+    linears: list[str]
+
+
+class ModelSource:
+    """A model's config, module tree and tensors, read lazily where the storage allows it."""
+
+    def __init__(self, path: Path, config, skeleton: nn.Module):
+        self.path = path
+        self.config = config
+        self.skeleton = skeleton
+
+    # Subclasses provide the tensors.
+    def tensor_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def copy_side_files(self, out_dir: Path) -> None:
+        """Copy tokenizer and generation config into the output."""
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder layers, found generically: the module list with one entry per hidden layer."""
+        n_layers = getattr(self.config.get_text_config(), "num_hidden_layers", None)
+        candidates = [
+            (name, mod)
+            for name, mod in self.skeleton.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and n_layers
+        ]
+        if not candidates:
+            raise DAQError(
+                f"unsupported architecture {self.architecture}: no list of {n_layers} decoder layers "
+                "found in the model; daq-vllm supports decoder-only LLaMA-family models"
+            )
+        list_name, layer_list = candidates[0]
+        layers = []
+        for i, layer in enumerate(layer_list):
+            prefix = f"{list_name}.{i}"
+            linears = [f"{prefix}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            layers.append(DecoderLayer(prefix, layer, linears))
+        if not any(layer.linears for layer in layers):
+            raise DAQError(f"unsupported architecture {self.architecture}: its decoder layers hold no nn.Linear")
+        return layers
+
+    def config_dict(self) -> dict:
+        """The config to write: the source's own config.json where there is one."""
+        config_file = self.path / "config.json"
+        if self.path.is_dir() and config_file.is_file():
+            return json.loads(config_file.read_text())
+        config = self.config.to_dict()
+        config["architectures"] = config.get("architectures") or [type(self.skeleton).__name__]
+        return config
+
+    def input_embedding_name(self) -> str:
+        """Checkpoint name of the input embedding (the tensor a tied lm_head shares)."""
+        emb = self.skeleton.get_input_embeddings()
+        return next(f"{n}.weight" for n, m in self.skeleton.named_modules() if m is emb)
+
+    def linear_names(self) -> list[str]:
+        return [n for n, m in self.skeleton.named_modules() if isinstance(m, nn.Linear)]
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.config, "architectures", None) or [type(self.skeleton).__name__]
+        return archs[0]
+
+
+class SafetensorsSource(ModelSource):
+    """A Hugging Face directory with safetensors weights, read one tensor at a time."""
+
+    def __init__(self, path: Path, config, skeleton: nn.Module, files: list[Path]):
+        super().__init__(path, config, skeleton)
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        self._handles = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            self._handles[f] = handle
+            for key in handle.keys():
+                self._where[key] = f
+        expected = {n for n, _ in skeleton.named_parameters()}
+        missing = sorted(n for n in expected - set(self._where) if not _is_tied(n, config))
+        if missing:
+            raise DAQError(
+                f"unsupported architecture {self.architecture}: the checkpoint's tensor names do not match "
+                f"the transformers model (e.g. {missing[0]!r} is missing)"
+            )
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def copy_side_files(self, out_dir: Path) -> None:
+        for f in self.path.iterdir():
+            if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(f, out_dir / f.name)
+
+
+class InMemorySource(ModelSource):
+    """A model transformers materialised in memory (GGUF, or .bin weights)."""
+
+    def __init__(self, path: Path, model: nn.Module, tokenizer):
+        super().__init__(path, model.config, model)
+        self._model = model
+        self._tokenizer = tokenizer
+        seen: set[int] = set()
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, t in model.state_dict().items():  # drop tied duplicates, as save_pretrained does
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            self._tensors[name] = t
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def copy_side_files(self, out_dir: Path) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.save_pretrained(out_dir)
+        if getattr(self._model, "generation_config", None) is not None:
+            self._model.generation_config.save_pretrained(out_dir)
+
+
+def _is_tied(param_name: str, config) -> bool:
+    return param_name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _load_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        raise DAQError(f"unsupported architecture (model_type {model_type!r}): transformers cannot read it ({e})") from None
+
+
+def _meta_skeleton(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise DAQError(
+            f"unsupported architecture {getattr(config, 'model_type', '?')!r}: not a causal language model "
+            "that transformers can build"
+        ) from None
+
+
+def open_gguf(path: Path) -> InMemorySource:
+    """Dequantize a .gguf file to float32 through transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise DAQError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+    strip_gguf_marker(model)
+    return InMemorySource(path, model, tokenizer)
+
+
+def open_model(path_str: str) -> ModelSource:
+    """Open a model for quantization, or raise DAQError naming what is wrong."""
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise DAQError(f"model path {path} does not exist; pass a Hugging Face model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise DAQError(f"{path} is not a model: pass a Hugging Face model directory or a .gguf file")
+        return open_gguf(path)
+    if not (path / "config.json").is_file():
+        raise DAQError(f"{path} is not a model directory (no config.json); pass a Hugging Face model directory or a .gguf file")
+    config = _load_config(path)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg:
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", "?")
+        raise DAQError(f"{path} is already quantized (quant_method {method!r}); pass a full-precision model")
+    skeleton = _meta_skeleton(config)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return SafetensorsSource(path, config, skeleton, files)
+    if any(path.glob("pytorch_model*.bin")):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        return InMemorySource(path, model, tokenizer)
+    raise DAQError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
