@@ -50,10 +50,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daq-vllm", description="DAQ weight-only quantization and serving")
+    parser = _OneLineParser(prog="daq-vllm", description="DAQ weight-only quantization and serving")
     parser.add_argument("--version", action="version", version=f"daq-vllm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _add_quantize(sub)
     _add_eval(sub)
     return parser

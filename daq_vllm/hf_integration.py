@@ -97,10 +97,13 @@ class DAQHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # The codebook is not a checkpoint tensor: transformers leaves it uninitialised on load.
+        # The loader also re-wraps float tensors as trainable parameters; these are frozen codes.
         values = self.quantization_config.daq_format.codebook
         for module in model.modules():
             if isinstance(module, DAQLinear):
                 module.codebook = torch.tensor(values, dtype=torch.float32, device=module.qweight.device)
+                for p in module.parameters():
+                    p.requires_grad_(False)
         return model
 
     def is_serializable(self) -> bool:

@@ -1,0 +1,91 @@
+"""Quality of the calibration-free quantizers on SmolLM2-135M: WikiText-2 test perplexity.
+
+Each row runs the real pipeline (quantize -> write checkpoint -> load through transformers ->
+evaluate). Writes benchmarks/results/quality.md and .json after every row, so a long run that
+is stopped keeps what it measured.
+
+    python benchmarks/quality.py --windows 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+
+from common import CACHE, machine, smollm2_float_dir, wikitext2_tokens, write_results  # noqa: E402
+
+from daq_vllm import load  # noqa: E402
+from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model  # noqa: E402
+from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
+from daq_vllm.perplexity import perplexity  # noqa: E402
+
+DEFAULT_ROWS = [
+    "rtn-int4", "absmax-fp4_e2m1", "rtn-fp4_e2m1", "dca-fp4_e2m1", "dca-nf4", "rtn-int3", "dca-fp3_e2m0",
+]
+
+
+def evaluate(model_dir, tokens, windows: int) -> float:
+    model, _ = load(model_dir)
+    return perplexity(model, tokens, 2048, windows, progress=False).perplexity
+
+
+def markdown(rows: list[dict], windows: int, total: int) -> str:
+    full = next(r["ppl"] for r in rows if r["row"] == "fp32")
+    lines = [
+        "# Quality: SmolLM2-135M-Instruct, WikiText-2 test perplexity",
+        "",
+        f"First {windows} of {total} windows of 2048 tokens (no BOS). Machine: {machine()}.",
+        "The source model's weights were Q4_1 already: compare rows with each other, not with other papers.",
+        "Calibration-free rows (no LDRA). bits/w counts the code plus fp16 scale and offset per group.",
+        "",
+        "| row | group | bits/w | PPL | PPL - fp32 | quantize s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        g = r.get("group_size", "-")
+        bpw = f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "32"
+        secs = f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else "-"
+        lines.append(f"| {r['row']} | {g} | {bpw} | {r['ppl']:.3f} | {r['ppl'] - full:+.3f} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=32, help="evaluation windows (148 = all)")
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="METHOD-FORMAT names")
+    args = ap.parse_args()
+
+    fp_dir = smollm2_float_dir()
+    _, tokenizer = load(fp_dir)
+    tokens = wikitext2_tokens(tokenizer)
+    total = tokens.numel() // 2048
+    results = [{"row": "fp32", "ppl": evaluate(fp_dir, tokens, args.windows)}]
+    print(f"fp32: {results[0]['ppl']:.3f}", flush=True)
+    for g in args.group_sizes:
+        for row in args.rows:
+            method, fmt = row.split("-", 1)
+            out = CACHE / f"quality-{row}-g{g}"
+            t0 = time.time()
+            report = quantize_model(
+                str(fp_dir), out,
+                QuantizeOptions(format=fmt, group_size=g, init=InitSpec(method=method), overwrite=True, progress=False),
+            )
+            seconds = time.time() - t0
+            ppl = evaluate(out, tokens, args.windows)
+            results.append({
+                "row": row, "method": method, "format": fmt, "bits": get_codebook(fmt).bits, "group_size": g,
+                "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
+            })
+            print(f"{row} g{g}: {ppl:.3f} ({seconds:.1f} s)", flush=True)
+            payload = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", "windows": args.windows,
+                       "total_windows": total, "machine": machine(), "rows": results}
+            write_results("quality", payload, markdown(results, args.windows, total))
+
+
+if __name__ == "__main__":
+    main()
