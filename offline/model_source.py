@@ -51,6 +51,10 @@ class ModelSource:
         """Copy tokenizer and generation config into the output."""
         raise NotImplementedError
 
+    def tokenizer(self):
+        """The model's tokenizer (calibration text is tokenized with it)."""
+        raise NotImplementedError
+
     def decoder_layers(self) -> list[DecoderLayer]:
         """The decoder layers, found generically: the module list with one entry per hidden layer."""
         n_layers = getattr(self.config.get_text_config(), "num_hidden_layers", None)
@@ -125,6 +129,14 @@ class SafetensorsSource(ModelSource):
     def tensor(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
 
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (ValueError, OSError) as e:
+            raise DAQError(f"{self.path} has no usable tokenizer, which calibration needs ({e})") from None
+
     def copy_side_files(self, out_dir: Path) -> None:
         for f in self.path.iterdir():
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
@@ -152,6 +164,11 @@ class InMemorySource(ModelSource):
     def tensor(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise DAQError(f"{self.path} has no tokenizer, which calibration needs")
+        return self._tokenizer
+
     def copy_side_files(self, out_dir: Path) -> None:
         if self._tokenizer is not None:
             self._tokenizer.save_pretrained(out_dir)
@@ -174,10 +191,12 @@ def _load_config(path: Path):
 
 
 def _meta_skeleton(config) -> nn.Module:
+    """The model with parameters on the meta device; buffers (rotary tables) stay real and small."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config)
     except ValueError:
         raise DAQError(

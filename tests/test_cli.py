@@ -14,7 +14,11 @@ from daq_vllm.offline import checkpoint_writer, pipeline
 
 
 def run_main(capsys, *argv) -> tuple[int, str]:
-    code = cli.main([*argv, "--no-progress"] if argv and argv[0] in ("quantize", "eval") else list(argv))
+    """Run the CLI in-process; quantize runs use the calibration-free DCA unless a method is given."""
+    args = [*argv, "--no-progress"]
+    if argv[0] == "quantize" and "--method" not in argv:
+        args += ["--method", "dca"]
+    code = cli.main(args)
     err = capsys.readouterr().err
     return code, err
 

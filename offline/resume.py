@@ -1,0 +1,64 @@
+"""Per-layer results of a quantization run, saved atomically so a killed run can `--resume`.
+
+They live in `.<out>.resume/` beside the output: one safetensors file per finished decoder layer
+and a `state.json` with a fingerprint of the options, so a resume with other options is refused.
+The directory is removed once the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from daq_vllm.errors import DAQError
+
+
+class ResumeStore:
+    def __init__(self, out: Path, fingerprint: dict, resume: bool):
+        self.directory = out.parent / f".{out.name}.resume"
+        self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+        state = self.directory / "state.json"
+        if resume and state.is_file():
+            saved = json.loads(state.read_text()).get("fingerprint")
+            if saved != self.fingerprint:
+                raise DAQError(
+                    f"--resume: {self.directory} was made with other options or another model; "
+                    "rerun with the same options, or without --resume to start over"
+                )
+            print(f"resuming from {self.finished()} finished layers in {self.directory}", file=sys.stderr)
+        else:
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            self.directory.mkdir(parents=True)
+            state.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+
+    def _file(self, layer: int) -> Path:
+        return self.directory / f"layer-{layer:05d}.safetensors"
+
+    def finished(self) -> int:
+        return len(list(self.directory.glob("layer-*.safetensors")))
+
+    def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        path = self._file(layer)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            info = json.loads(f.metadata()["info"])
+        return tensors, info
+
+    def save(self, layer: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        tmp = self.directory / f"layer-{layer:05d}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"info": json.dumps(info)})
+        os.replace(tmp, self._file(layer))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
