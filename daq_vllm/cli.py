@@ -33,6 +33,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ldra-init", default="dca", choices=list(INIT_METHODS), help="initializer LDRA starts from (default: dca)")
     p.add_argument("--ldra-solver", default="alt", choices=list(SOLVERS),
                    help="alt = alternating codes / weighted least squares (default); sign = the paper's sign search")
+    p.add_argument("--no-shrink-grid", action="store_true",
+                   help="start LDRA from the DCA range as is, not from the best per-group shrink of 0.6..1.0")
     p.add_argument("--epochs", type=int, default=10, help="sign solver: epochs (default: 10)")
     p.add_argument("--iters", type=int, default=100, help="sign solver: iterations per epoch (default: 100)")
     p.add_argument("--calib", default="wikitext2-valid", help="calibration text: wikitext2-valid, PATH.txt or PATH.jsonl")
@@ -97,7 +99,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         format=args.format,
         group_size=args.group_size,
         init=InitSpec(method=init_method, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
-        ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters) if calibrate else None,
+        ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
+                      **({"shrink_grid": ()} if args.no_shrink_grid else {})) if calibrate else None,
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         sequential=args.sequential,
         resume=args.resume,

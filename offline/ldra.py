@@ -16,7 +16,7 @@ Two solvers, both never letting a group's loss increase:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -49,6 +49,8 @@ class LDRASpec:
     patience: int = 5  # an epoch ends after this many iterations in which no group changed
     min_epoch_gain: float = 1e-3  # stop when an epoch lowers the total loss by less than this fraction
     alt_iters: int = 30
+    # DCA shrink factors tried per group before the search (best L wins); () = the DCA init alone.
+    shrink_grid: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 @dataclass
@@ -161,6 +163,25 @@ def _alternating(p: GroupProblem, s: torch.Tensor, z: torch.Tensor, spec: LDRASp
     return s, z, steps
 
 
+def best_initial_range(
+    p: GroupProblem, rows: torch.Tensor, codebook: Codebook, init: InitSpec, grid: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial (s, z) [N, G]: the initializer's, or per group the best of the DCA shrink grid.
+
+    The grid always contains the initializer's own shrink, so the result is never worse than it.
+    """
+    s, z = (t.reshape(p.n, p.g) for t in init_range(rows, codebook, init))
+    if init.method != "dca" or not grid:
+        return s, z
+    loss = p.loss(s, z)
+    for shrink in grid:
+        s_c, z_c = (t.reshape(p.n, p.g) for t in init_range(rows, codebook, replace(init, dca_shrink=shrink)))
+        l_c = p.loss(s_c, z_c)
+        better = l_c < loss
+        s, z, loss = torch.where(better, s_c, s), torch.where(better, z_c, z), torch.where(better, l_c, loss)
+    return s, z
+
+
 def ldra(
     w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor, codebook: Codebook, spec: LDRASpec
 ) -> tuple[QuantizedGroups, LDRAStats]:
@@ -188,9 +209,10 @@ def quantize_weight_ldra(
     n = w.shape[0]
     results, initial, final, steps = [], 0.0, 0.0, 0
     for rows, h in zip(group_blocks(w, group_size), moments):
-        s, z = init_range(rows, codebook, init)
         g, length = h.shape[0], h.shape[1]
-        q, stats = ldra(rows.reshape(n, g, length), h.to(w.device), s.reshape(n, g), z.reshape(n, g), codebook, spec)
+        h = h.to(w.device)
+        s, z = best_initial_range(GroupProblem(rows.reshape(n, g, length), h, codebook), rows, codebook, init, spec.shrink_grid)
+        q, stats = ldra(rows.reshape(n, g, length), h, s, z, codebook, spec)
         results.append(q)
         initial, final, steps = initial + stats.initial_loss, final + stats.final_loss, max(steps, stats.steps)
     qw = QuantizedWeight(

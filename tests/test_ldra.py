@@ -198,3 +198,19 @@ def test_resume_with_other_options_is_refused(tiny_llama, tmp_path, monkeypatch,
     assert cli.main(daq_args(tiny_llama, tmp_path / "o", calib)) == 130
     code = cli.main(daq_args(tiny_llama, tmp_path / "o", calib, "--resume", "--nsamples", "7"))
     assert code == 2 and "other options" in capsys.readouterr().err
+
+
+def test_shrink_grid_start_is_never_worse_than_dca():
+    from daq_vllm.offline.ldra import best_initial_range
+
+    cb = get_codebook("fp4_e2m1")
+    w, h = problem(3)
+    p = GroupProblem(w.reshape(16, 4, 32), h, cb)
+    rows = w.reshape(-1, 32)
+    s0, z0 = init_range(rows, cb, InitSpec("dca"))
+    dca = p.loss(s0.reshape(16, 4), z0.reshape(16, 4))
+    s, z = best_initial_range(p, rows, cb, InitSpec("dca"), (0.6, 0.8, 1.0))
+    grid = p.loss(s, z)
+    assert (grid <= dca).all() and grid.sum() < dca.sum()
+    s_none, _ = best_initial_range(p, rows, cb, InitSpec("dca"), ())
+    assert torch.equal(s_none, s0.reshape(16, 4))

@@ -1,0 +1,142 @@
+"""Speed and memory of DAQ quantization.
+
+1. `daq-vllm quantize` of SmolLM2-135M with full DAQ (default settings: W4 fp4_e2m1, g128... set by
+   --format/--group-size), wall time and peak RSS of the process;
+2. one Llama-2-7B-shaped decoder layer (hidden 4096, intermediate 11008, random weights): time of
+   the calibration forward with second moments per token, and of LDRA per solver, on this machine.
+   With --device cuda the same on a GPU.
+
+Writes benchmarks/results/quant_speed.md and .json.
+
+    python benchmarks/quant_speed.py [--device cuda] [--skip-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CACHE, machine, smollm2_float_dir, write_results  # noqa: E402
+
+from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.offline.layerwise import SecondMoments  # noqa: E402
+from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra  # noqa: E402
+from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
+
+LAYER_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def time_cli_quantize(fmt: str, group_size: int, extra: list[str]) -> dict:
+    out = CACHE / "quant-speed-out"
+    cmd = [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_float_dir()), "--out", str(out),
+           "--overwrite", "--no-progress", "--format", fmt, "--group-size", str(group_size), *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"command": " ".join(["daq-vllm", *cmd[3:]]), "seconds": round(seconds, 1), "peak_rss_mib": round(peak_mib)}
+
+
+def seven_b_layer(device: str, tokens: int, solvers: list[str]) -> dict:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(cfg, 0).to(device).float()
+    for p in layer.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0, 0.02)
+    rotary = LlamaRotaryEmbedding(cfg).to(device)
+    seqlen = 512
+    blocks = max(1, tokens // seqlen)
+    x = torch.randn(blocks, seqlen, 4096, device=device)
+    pos = rotary(x[:1], torch.arange(seqlen, device=device)[None])
+    acc = SecondMoments(128)
+    acc.attach(layer, "l", [f"l.{n}" for n in LAYER_LINEARS])
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(blocks):
+            acc.new_pass()
+            layer(x[i : i + 1], position_embeddings=pos)
+    sync()
+    forward = time.time() - t0
+    acc.detach()
+    cb = get_codebook("fp4_e2m1")
+    result = {"calib_tokens": blocks * seqlen, "forward_and_moments_s": round(forward, 2),
+              "forward_s_per_1k_tokens": round(forward / (blocks * seqlen) * 1000, 3)}
+    for solver in solvers:
+        spec = LDRASpec(solver=solver, epochs=1, iters=20) if solver == "sign" else LDRASpec(solver=solver)
+        sync()
+        t0 = time.time()
+        for name in LAYER_LINEARS:
+            w = layer.get_submodule(name).weight.data
+            quantize_weight_ldra(w, acc.moments(f"l.{name}"), cb, 128, InitSpec(), spec)
+        sync()
+        key = "ldra_alt_s" if solver == "alt" else "ldra_sign_1x20_s"
+        result[key] = round(time.time() - t0, 2)
+    return result
+
+
+def markdown(payload: dict) -> str:
+    lines = ["# Quantization speed", "", f"Machine: {payload['machine']}.", ""]
+    if payload.get("smollm2"):
+        lines += ["## SmolLM2-135M, `daq-vllm quantize` end to end", "",
+                  "| command | wall s | peak RSS MiB |", "| --- | ---: | ---: |"]
+        for r in payload["smollm2"]:
+            lines.append(f"| `{r['command']}` | {r['seconds']} | {r['peak_rss_mib']} |")
+        lines.append("")
+    layer = payload["layer_7b"]
+    lines += [f"## One Llama-2-7B-shaped decoder layer on {payload['device']}", "",
+              "| step | seconds |", "| --- | ---: |"]
+    for k, v in layer.items():
+        lines.append(f"| {k} | {v} |")
+    est = payload["estimate_7b"]
+    lines += ["", f"Estimate for Llama-2-7B (32 layers, 128 x 512 calibration tokens, alt solver): "
+              f"{est['per_layer_s']:.0f} s per layer, {est['total_min']:.1f} min in all.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-model", action="store_true", help="only the 7B-layer measurement")
+    ap.add_argument("--layer-tokens", type=int, default=4096, help="calibration tokens for the 7B layer (CPU: keep small)")
+    ap.add_argument("--format", default="fp4_e2m1")
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args()
+    payload = {"machine": machine(), "device": args.device}
+    if not args.skip_model:
+        payload["smollm2"] = [
+            time_cli_quantize(args.format, args.group_size, ["--method", "daq"]),
+            time_cli_quantize(args.format, args.group_size, ["--method", "dca"]),
+        ]
+        print(payload["smollm2"], flush=True)
+    layer = seven_b_layer(args.device, args.layer_tokens, ["alt", "sign"])
+    payload["layer_7b"] = layer
+    per_layer = layer["forward_s_per_1k_tokens"] * 65.536 + layer["ldra_alt_s"]
+    payload["estimate_7b"] = {"per_layer_s": per_layer, "total_min": per_layer * 32 / 60}
+    print(layer, flush=True)
+    name = "quant_speed" if args.device == "cpu" else f"quant_speed-{args.device.replace(':', '')}"
+    write_results(name, payload, markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
