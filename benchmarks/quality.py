@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="evaluation windows (148 = all)")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="METHOD-FORMAT names")
+    ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
     args = ap.parse_args()
 
     fp_dir = smollm2_float_dir()
@@ -85,6 +86,8 @@ def main() -> None:
     print(f"fp32: {results[0]['ppl']:.3f}", flush=True)
     for g in args.group_sizes:
         for row in args.rows:
+            if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
+                continue
             method, fmt = row.split("-", 1)
             out = CACHE / f"quality-{row}-g{g}"
             calibrated = method == "daq"

@@ -39,6 +39,13 @@ class DAQLinear(nn.Module):
         self.offsets = nn.Parameter(torch.zeros(out_features, n_groups, dtype=torch.float16), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("codebook", torch.tensor(fmt.codebook, dtype=torch.float32), persistent=False)
+        self._cached_weight: torch.Tensor | None = None
+
+    def cache_dequantized(self, enabled: bool = True) -> None:
+        """Keep the dequantized weight between calls: faster repeated forwards (evaluation), at the
+        memory cost of a full-precision copy. Outputs are identical either way."""
+        self._cached_weight = None
+        self._cache = enabled
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [out, in] this layer computes with (docs/FORMAT.md)."""
@@ -47,6 +54,11 @@ class DAQLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_cache", False):
+            if self._cached_weight is None or self._cached_weight.dtype != x.dtype:
+                self._cached_weight = self.dequantized_weight().to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._cached_weight, bias)
         return daq_linear_reference(
             x, self.qweight, self.scales, self.offsets, self.codebook, self.bits, self.group_size, self.bias
         )

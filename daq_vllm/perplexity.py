@@ -34,12 +34,19 @@ def perplexity(
     if n == 0:
         raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
     device = next(model.parameters()).device
+    daq_layers = [m for m in model.modules() if hasattr(m, "cache_dequantized")]
+    for module in daq_layers:  # dequantize once, not at every window
+        module.cache_dequantized(True)
     nlls = []
-    for i in tqdm(range(n), desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
-        window = token_ids[i * seqlen : (i + 1) * seqlen].to(device)[None]
-        logits = model(window).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:])
-        nlls.append(nll.item())
+    try:
+        for i in tqdm(range(n), desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
+            window = token_ids[i * seqlen : (i + 1) * seqlen].to(device)[None]
+            logits = model(window).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:])
+            nlls.append(nll.item())
+    finally:
+        for module in daq_layers:
+            module.cache_dequantized(False)
     mean = sum(nlls) / n
     return PerplexityResult(math.exp(mean), mean, n, total, seqlen, n * seqlen)
 

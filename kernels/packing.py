@@ -56,6 +56,11 @@ def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
             f"for {k} inputs at {bits} bits"
         )
     n = qweight.shape[0]
+    if _WORD_BITS % bits == 0:  # codes never straddle words: one shift per slot, no gather
+        per_word = _WORD_BITS // bits
+        shifts = torch.arange(0, _WORD_BITS, bits, device=qweight.device, dtype=torch.int32)
+        slots = (qweight[:, :, None] >> shifts) & ((1 << bits) - 1)  # arithmetic shift, then mask
+        return slots.reshape(n, -1)[:, :k].to(torch.int64)
     words = qweight.to(torch.int64) & _WORD_MASK
     words = torch.cat([words, torch.zeros(n, 1, dtype=torch.int64, device=words.device)], dim=1)
     word, shift = _bit_positions(k, bits, qweight.device)

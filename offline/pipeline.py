@@ -157,10 +157,14 @@ class _Calibrated:
 
 
 def _fingerprint(model_path: str, opts: QuantizeOptions) -> dict:
+    """What a resumed run must share with the killed one: model files, options, tool version."""
     keep = asdict(opts)
     for volatile in ("overwrite", "resume", "progress", "max_shard_bytes"):
         keep.pop(volatile)
-    return {"model": str(Path(model_path).expanduser().resolve()), "options": keep, "version": __version__}
+    path = Path(model_path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"model": str(path), "files": stats, "options": keep, "version": __version__}
 
 
 def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) -> dict:
@@ -184,6 +188,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
     store = ResumeStore(out, _fingerprint(model_path, opts), opts.resume)
 
     tmp = prepare_output(out, opts.overwrite)
+    committed = False
     try:
         writer = ShardedWriter(tmp, opts.max_shard_bytes)
         quantized_weights = {f"{n}.weight" for n in quantized}
@@ -257,7 +262,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
             config["tie_word_embeddings"] = False
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         commit_output(tmp, out)
-        store.remove()
+        committed = True
     except OSError as e:
         raise DAQError(f"writing the checkpoint failed: {e.strerror or e} ({e.filename or tmp}); check free disk space and permissions") from None
     except KeyboardInterrupt:
@@ -267,4 +272,6 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if committed or store.finished() == 0:  # done, or nothing worth resuming
+            store.remove()
     return report

@@ -31,7 +31,8 @@ def one_line_error(err: str) -> str:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+    """Hidden work dirs beside the output, other than the per-layer results kept for --resume."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".resume"))
 
 
 def test_missing_path(capsys, tmp_path):
@@ -103,6 +104,10 @@ def test_disk_write_failure(capsys, tiny_llama, tmp_path, monkeypatch):
     line = one_line_error(err)
     assert code == 2 and "No space left on device" in line and "disk space" in line
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()  # space freed: --resume reuses every finished layer
+    code, err = run_main(capsys, "quantize", str(tiny_llama), "--out", str(tmp_path / "o"), "--resume")
+    assert code == 0 and "resuming from 2 finished layers" in err
+    assert (tmp_path / "o" / "config.json").exists() and not (tmp_path / ".o.resume").exists()
 
 
 def test_interrupted_run_leaves_nothing(capsys, tiny_llama, tmp_path, monkeypatch):
@@ -117,8 +122,9 @@ def test_interrupted_run_leaves_nothing(capsys, tiny_llama, tmp_path, monkeypatc
 
     monkeypatch.setattr(pipeline, "quantize_weight", interrupt_later)
     code, err = run_main(capsys, "quantize", str(tiny_llama), "--out", str(tmp_path / "o"))
-    assert code == 130 and "interrupted" in err
+    assert code == 130 and "interrupted" in err and "--resume" in err
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+    assert (tmp_path / ".o.resume" / "layer-00000.safetensors").exists()  # layer 0 finished
 
 
 def test_already_quantized_input(capsys, tiny_llama, tmp_path):

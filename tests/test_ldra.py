@@ -163,25 +163,30 @@ def test_daq_reduces_the_output_error_and_loads(tiny_llama, tmp_path):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def killed_in_layer_two():
+    """quantize_weight_ldra that raises KeyboardInterrupt at its 9th call (layer 2 of 7 linears each)."""
+    real, calls = ldra_mod.quantize_weight_ldra, []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, capsys, sequential):
     calib = calib_file(tmp_path)
     extra = ["--sequential"] if sequential else []
     assert cli.main(daq_args(tiny_llama, tmp_path / "full", calib, *extra)) == 0
 
-    real, calls = ldra_mod.quantize_weight_ldra, []
-
-    def killed_in_layer_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "quantize_weight_ldra", killed_in_layer_two)
+    monkeypatch.setattr(pipeline, "quantize_weight_ldra", killed_in_layer_two())
     assert cli.main(daq_args(tiny_llama, tmp_path / "resumed", calib, *extra)) == 130
     assert "rerun with --resume" in capsys.readouterr().err
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(pipeline, "quantize_weight_ldra", real)
+    monkeypatch.undo()
     assert cli.main(daq_args(tiny_llama, tmp_path / "resumed", calib, *extra, "--resume")) == 0
     assert "resuming from 1 finished layers" in capsys.readouterr().err
 
@@ -194,7 +199,7 @@ def test_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, capsys, sequ
 
 def test_resume_with_other_options_is_refused(tiny_llama, tmp_path, monkeypatch, capsys):
     calib = calib_file(tmp_path)
-    monkeypatch.setattr(pipeline, "quantize_weight_ldra", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(pipeline, "quantize_weight_ldra", killed_in_layer_two())
     assert cli.main(daq_args(tiny_llama, tmp_path / "o", calib)) == 130
     code = cli.main(daq_args(tiny_llama, tmp_path / "o", calib, "--resume", "--nsamples", "7"))
     assert code == 2 and "other options" in capsys.readouterr().err

@@ -150,3 +150,17 @@ def test_other_llama_family_architectures(tmp_path, arch):
     ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_dequantized_weight_gives_identical_outputs(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    quantize_model(str(tiny_llama), out, QuantizeOptions(format="int3", group_size=64, progress=False))
+    layer = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj
+    x = torch.randn(3, 320)
+    plain = layer(x)
+    layer.cache_dequantized(True)
+    assert torch.equal(layer(x), plain) and torch.equal(layer(x), plain)
+    layer.cache_dequantized(False)
+    assert layer._cached_weight is None
