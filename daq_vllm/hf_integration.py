@@ -21,11 +21,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format import QUANT_METHOD, DAQFormat
-from .kernels import daq_linear_reference, dequantize, packed_words
+from .kernels import daq_linear, dequantize, packed_words
 
 
 class DAQLinear(nn.Module):
-    """A linear layer stored in the DAQ format; computes `x @ W_hat^T + bias` via the torch reference."""
+    """A linear layer stored in the DAQ format; computes `x @ W_hat^T + bias` from the packed codes."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: DAQFormat):
         super().__init__()
@@ -59,7 +59,7 @@ class DAQLinear(nn.Module):
                 self._cached_weight = self.dequantized_weight().to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self._cached_weight, bias)
-        return daq_linear_reference(
+        return daq_linear(  # Triton kernels on CUDA, torch reference on CPU
             x, self.qweight, self.scales, self.offsets, self.codebook, self.bits, self.group_size, self.bias
         )
 
