@@ -141,19 +141,27 @@ class _Calibrated:
         return tensors, infos
 
     def advance(self, layer: DecoderLayer, names: list[str], tensors: dict, quantizer: _LinearQuantizer,
-                fp_outputs: torch.Tensor | None = None) -> None:
-        """Move the activations past `layer`: its float outputs, or (sequential) its quantized outputs."""
-        if fp_outputs is None or self.opts.sequential:
+                float_outputs: torch.Tensor | None = None) -> None:
+        """Move the activations past `layer`, then drop its weights.
+
+        `float_outputs` are the layer's full-precision outputs when the calibration pass already
+        computed them (its weights are still loaded then); a resumed layer passes None. With
+        `sequential`, the next layer sees this layer's quantized outputs instead.
+        """
+        if float_outputs is None:
             materialize(self.source, layer.name, layer.module, self.opts.device)
-            if self.opts.sequential:
-                for name in names:
-                    w = layer.module.get_submodule(name[len(layer.name) + 1 :]).weight
-                    w_hat = quantizer.dequantize(tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{SCALES}"],
-                                                 tensors[f"{name}.{OFFSETS}"], w.shape[1])
-                    set_parameter(layer.module, f"{name[len(layer.name) + 1:]}.weight", w_hat)
-            fp_outputs = self.runner.forward(layer.module, self.hidden)
+        if self.opts.sequential:
+            for name in names:
+                local = name[len(layer.name) + 1 :]
+                in_features = layer.module.get_submodule(local).weight.shape[1]
+                w_hat = quantizer.dequantize(tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{SCALES}"],
+                                             tensors[f"{name}.{OFFSETS}"], in_features)
+                set_parameter(layer.module, f"{local}.weight", w_hat)
+            outputs = self.runner.forward(layer.module, self.hidden)
+        else:
+            outputs = float_outputs if float_outputs is not None else self.runner.forward(layer.module, self.hidden)
         release(layer.module)
-        self.hidden = fp_outputs
+        self.hidden = outputs
 
 
 def _fingerprint(model_path: str, opts: QuantizeOptions) -> dict:
