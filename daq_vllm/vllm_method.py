@@ -1,6 +1,6 @@
 """The `daq` quantization method for vLLM: `DAQConfig` and `DAQLinearMethod`.
 
-Imports vllm; loaded only by `daq_vllm.vllm_plugin.register()`. The classes live at module level
+Imports vllm; loaded only by `daq_vllm.plugin.register()`. The classes live at module level
 because vLLM pickles the quantization config into its engine and worker processes.
 """
 

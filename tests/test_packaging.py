@@ -14,14 +14,14 @@ def test_wheel_contains_the_three_packages(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheel = next(tmp_path.glob("daq_vllm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("daq_vllm/__init__.py", "daq_vllm/cli.py", "daq_vllm/vllm_plugin.py", "daq_vllm/vllm_method.py",
+    for module in ("daq_vllm/__init__.py", "daq_vllm/cli.py", "daq_vllm/plugin.py", "daq_vllm/vllm_method.py",
                    "daq_vllm/offline/pipeline.py", "daq_vllm/kernels/packing.py", "daq_vllm/kernels/triton_gemm.py"):
         assert module in names, module
     assert not any(n.startswith(("offline/", "kernels/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     entry_text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "daq-vllm = daq_vllm.cli:main" in entry_text
-    assert "[vllm.general_plugins]\ndaq = daq_vllm.vllm_plugin:register" in entry_text
+    assert "[vllm.general_plugins]\ndaq = daq_vllm.plugin:register" in entry_text
 
 
 def test_import_does_not_pull_vllm_and_registers_with_transformers():

