@@ -45,3 +45,59 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def make_daq_checkpoint(root: Path, init: str = "dca", skip: tuple[str, ...] = (), **overrides) -> Path:
+    """A tiny random model quantized to fp4_e2m1, g64 (calibration-free: seconds)."""
+    from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
+    from daq_vllm.offline.quantizer import InitSpec
+
+    src = make_tiny_model(root / "src", **overrides)
+    out = root / "daq"
+    quantize_model(str(src), out, QuantizeOptions(format="fp4_e2m1", group_size=64, init=InitSpec(init), skip=list(skip),
+                                                  progress=False))
+    return out
+
+
+def transformers_greedy(checkpoint: Path, prompts: list, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation token ids from transformers with daq-vllm's loader: the reference for vLLM.
+
+    A prompt is a string (tokenized as vLLM's completions do) or a list of token ids.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import daq_vllm  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids if isinstance(p, str) else torch.tensor([p])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        outs.append(out[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def edit_shard(directory: Path, tensor: str, edit) -> None:
+    """Apply `edit(tensors)` to the shard holding `tensor` and keep the index in step (to corrupt a checkpoint)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = directory / index["weight_map"][tensor]
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name or k in tensors}
+    index_path.write_text(json.dumps(index))
+
+
+def edit_quant_config(directory: Path, **fields) -> None:
+    """Overwrite fields of config.json's quantization_config."""
+    import json
+
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"].update(fields)
+    (directory / "config.json").write_text(json.dumps(cfg))
