@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Triton kernels run on CPU tensors through the interpreter. Triton reads this flag when it is
 # imported (its own library functions are decorated then), so it is set before anything imports it.
@@ -50,3 +52,18 @@ def wikitext2_raw() -> Path:
         return find_data_file(WIKITEXT2_TEST)
     except DAQError as e:
         require(False, str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dca(smollm2_gguf, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """SmolLM2-135M quantized once per session by the CLI, calibration-free (DCA, fp4_e2m1, g64; ~35 s).
+
+    Returns the output directory and the finished `daq-vllm quantize` process (tests check its exit).
+    """
+    out = tmp_path_factory.mktemp("smollm2") / "smol-dca-fp4-g64"
+    proc = subprocess.run(
+        [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_gguf), "--format", "fp4_e2m1", "--group-size", "64",
+         "--method", "dca", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    return out, proc

@@ -69,6 +69,9 @@ def transformers_greedy(checkpoint: Path, prompts: list, max_new_tokens: int) ->
     import daq_vllm  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    for module in model.modules():
+        if hasattr(module, "cache_dequantized"):
+            module.cache_dequantized()  # same outputs (tests/test_pipeline.py), dequantized once instead of per token
     tok = AutoTokenizer.from_pretrained(checkpoint)
     outs = []
     for p in prompts:

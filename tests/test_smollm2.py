@@ -16,9 +16,8 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daq_vllm.cli", *args], capture_output=True, text=True, timeout=900)
 
 
-def test_quantize_and_evaluate_smollm2(smollm2_gguf, wikitext2_raw, tmp_path):
-    out = tmp_path / "smol-dca-fp4-g64"
-    proc = cli("quantize", str(smollm2_gguf), "--format", "fp4_e2m1", "--group-size", "64", "--method", "dca", "--out", str(out))
+def test_quantize_and_evaluate_smollm2(smollm2_dca, wikitext2_raw):
+    out, proc = smollm2_dca  # daq-vllm quantize GGUF --format fp4_e2m1 --group-size 64 --method dca
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "layer 30/30" in proc.stderr  # per-layer progress with the weight error
     report = json.loads((out / "quantization_report.json").read_text())
