@@ -75,12 +75,11 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(N, K) of each decoder linear by its last name, for LLaMA-like architectures; else empty."""
     if config.get("model_type") not in LLAMA_LIKE:
         return {}
-    try:
-        hidden, heads, inter = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
-        kv = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-    except KeyError:
-        return {}
+    hidden, heads, inter = (config.get(k) for k in ("hidden_size", "num_attention_heads", "intermediate_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, heads, inter)):
+        return {}  # vLLM reports the config itself
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
     q, kv_out = heads * head_dim, kv * head_dim
     return {
         "q_proj": (q, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden), "o_proj": (hidden, q),
