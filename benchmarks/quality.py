@@ -28,6 +28,11 @@ from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model  # noqa: E
 from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
 from daq_vllm.perplexity import perplexity  # noqa: E402
 
+PEER_NOTE = (
+    "gptq/awq/hqq rows are the peers (benchmarks/peers.py, tool versions in quality.json): same fp32 model, "
+    "same calibration blocks, the tools' default hyper-parameters, asymmetric int with per-group scale and zero "
+    "point (gptq/awq store the zero point in `bits` bits, hqq in fp16), lm_head left in fp32 as in DAQ."
+)
 DEFAULT_ROWS = [
     "rtn-int4", "absmax-fp4_e2m1", "rtn-fp4_e2m1", "dca-fp4_e2m1", "dca-nf4", "rtn-int3", "dca-fp3_e2m0",
 ]
@@ -56,6 +61,10 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "The source model's weights were Q4_1 already: compare rows with each other, not with other papers.",
         "rtn/absmax/dca rows use no calibration; daq rows add LDRA (128 x 512 tokens of WikiText-2 valid).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
+    ]
+    if any("tool" in r for r in rows):
+        lines.append(PEER_NOTE)
+    lines += [
         "",
         "| row | group | bits/w | PPL | PPL - fp32 | quantize s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -66,6 +75,20 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         secs = f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else "-"
         lines.append(f"| {r['row']} | {g} | {bpw} | {r['ppl']:.3f} | {r['ppl'] - full:+.3f} | {secs} |")
     return "\n".join(lines) + "\n"
+
+
+def save_row(row: dict, windows: int, total: int) -> list[dict]:
+    """Merge one row into the results file, re-read just before writing, and return all rows.
+
+    Re-reading (not writing a list held since start-up) lets quality.py and peers.py add rows to
+    the same run at the same time without dropping each other's.
+    """
+    key = (row["row"], row.get("group_size"))
+    rows = [r for r in previous_rows(windows) if (r["row"], r.get("group_size")) != key] + [row]
+    payload = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", "windows": windows,
+               "total_windows": total, "machine": machine(), "rows": rows}
+    write_results("quality", payload, markdown(rows, windows, total))
+    return rows
 
 
 def main() -> None:
@@ -82,8 +105,8 @@ def main() -> None:
     total = tokens.numel() // 2048
     results = previous_rows(args.windows)
     if not any(r["row"] == "fp32" for r in results):
-        results.insert(0, {"row": "fp32", "ppl": evaluate(fp_dir, tokens, args.windows)})
-    print(f"fp32: {results[0]['ppl']:.3f}", flush=True)
+        results = save_row({"row": "fp32", "ppl": evaluate(fp_dir, tokens, args.windows)}, args.windows, total)
+    print(f"fp32: {next(r['ppl'] for r in results if r['row'] == 'fp32'):.3f}", flush=True)
     for g in args.group_sizes:
         for row in args.rows:
             if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
@@ -99,15 +122,11 @@ def main() -> None:
             report = quantize_model(str(fp_dir), out, opts)
             seconds = time.time() - t0
             ppl = evaluate(out, tokens, args.windows)
-            results = [r for r in results if (r["row"], r.get("group_size")) != (row, g)]
-            results.append({
+            results = save_row({
                 "row": row, "method": method, "format": fmt, "bits": get_codebook(fmt).bits, "group_size": g,
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
-            })
+            }, args.windows, total)
             print(f"{row} g{g}: {ppl:.3f} ({seconds:.1f} s)", flush=True)
-            payload = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", "windows": args.windows,
-                       "total_windows": total, "machine": machine(), "rows": results}
-            write_results("quality", payload, markdown(results, args.windows, total))
 
 
 if __name__ == "__main__":
