@@ -73,10 +73,44 @@ def test_gemv_and_gemm_match_reference(poisoned, fmt, g, dtype):
         check(y, reference(x, q, s, b, cb, g, bias), dtype)
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "fp3_e2m0"])
+@pytest.mark.parametrize("m, cfg", [
+    (2, dict(path="gemv", block_n=8, chunks_per_iter=4, split_k=3)),  # split-K (atomic adds), 4 chunks a step
+    (5, dict(path="gemm", block_m=16, block_n=16, split_k=2)),
+    (40, dict(path="gemm", block_m=32, block_n=64)),
+    (3, dict(path="dequant")),
+])
+def test_every_config_shape_matches_reference(poisoned, fmt, m, cfg):
+    """The tuner's choices beyond the CPU defaults: split-K, wider steps, other tiles, dequant + matmul."""
+    q, s, b, cb = weights(fmt, 64, seed=4)
+    bias = torch.randn(N).half()
+    x = torch.randn(m, K).half()
+    config = poisoned.KernelConfig(**cfg)
+    y = poisoned._PATHS[config.path](x, q, s, b, cb.tensor(), cb.bits, 64, bias, config)
+    check(y, reference(x, q, s, b, cb, 64, bias), torch.float16)
+
+
+def test_e2m1_bit_decoding_equals_the_table(poisoned, monkeypatch):
+    """fp4_e2m1 is decoded from its bits; forcing the table lookup must give the same result."""
+    q, s, b, cb = weights("fp4_e2m1", 32, seed=5)
+    table = cb.tensor()
+    assert poisoned.is_e2m1(table) and not poisoned.is_e2m1(get_codebook("nf4").tensor())
+    x = torch.randn(3, K).half()
+    fast = [poisoned.gemv_triton(x, q, s, b, table, 4, 32), poisoned.gemm_triton(x, q, s, b, table, 4, 32),
+            poisoned.dequantize_triton(q, s, b, table, 4, 32, K, torch.float32)]
+    monkeypatch.setattr(poisoned, "is_e2m1", lambda codebook: False)
+    slow = [poisoned.gemv_triton(x, q, s, b, table, 4, 32), poisoned.gemm_triton(x, q, s, b, table, 4, 32),
+            poisoned.dequantize_triton(q, s, b, table, 4, 32, K, torch.float32)]
+    for a, c in zip(fast, slow):
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp3_e2m0"])
-def test_dequantize_kernel_is_exact(poisoned, fmt):
+@pytest.mark.parametrize("groups_per_program", [1, 2])
+def test_dequantize_kernel_is_exact(poisoned, fmt, groups_per_program):
     q, s, b, cb = weights(fmt, 64, seed=1)
-    w = poisoned.dequantize_triton(q, s, b, cb.tensor(), cb.bits, 64, K, torch.float32)
+    w = poisoned.dequantize_triton(q, s, b, cb.tensor(), cb.bits, 64, K, torch.float32,
+                                   block_n=16, groups_per_program=groups_per_program)
     assert torch.equal(w, dequantize(q, s, b, cb.tensor(), cb.bits, 64, K))
 
 
@@ -84,11 +118,22 @@ def test_dispatch_covers_every_path(poisoned):
     daq_linear = poisoned.daq_linear_triton
     q, s, b, cb = weights("nf4", 64, seed=2)
     bias = torch.randn(N).half()
-    for m in (2, 40, poisoned.GEMM_MAX_M + 6):  # gemv, gemm, dequantize + matmul
+    paths = {m: poisoned.default_config(m, N, K, cuda=False).path for m in (2, 40, poisoned.DEQUANT_MIN_M + 6)}
+    assert list(paths.values()) == ["gemv", "gemm", "dequant"]
+    for m in paths:
         x = torch.randn(m, K).half()
         check(daq_linear(x, q, s, b, cb.tensor(), cb.bits, 64, bias), reference(x, q, s, b, cb, 64, bias), torch.float16)
     x3 = torch.randn(2, 3, K).half()  # leading dims are kept
     assert daq_linear(x3, q, s, b, cb.tensor(), cb.bits, 64, bias).shape == (2, 3, N)
+
+
+def test_candidate_configs_cover_each_m_bucket(tg):
+    """Decode buckets try the GEMV and a split-K GEMM; large M also tries dequantize + cuBLAS."""
+    for m in (1, 2, 4, 8):
+        assert {c.path for c in tg.candidate_configs(m)} == {"gemv", "gemm"}
+    assert {c.path for c in tg.candidate_configs(32)} == {"gemm"}
+    assert {c.path for c in tg.candidate_configs(4096)} == {"gemm", "dequant"}
+    assert tg.m_bucket(3) == 4 and tg.m_bucket(1) == 1 and tg.m_bucket(1000) == 1024
 
 
 def test_public_entry_uses_the_reference_on_cpu():
@@ -109,5 +154,6 @@ def test_kernel_benchmark_smoke_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "smoke M=1030" in proc.stdout
+    for path in ("gemv", "gemm", "dequant"):
+        assert f"({path}): rel err" in proc.stdout
     assert "Not measured on GPU" in (tmp_path / "kernels-smoke.md").read_text()
