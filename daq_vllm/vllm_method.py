@@ -25,6 +25,7 @@ from .checkpoint import check_checkpoint
 from .errors import DAQError
 from .format import QUANT_METHOD, DAQFormat
 from .kernels import daq_linear, packed_words
+from .vllm_ops import daq_linear_op
 
 
 class DAQConfig(QuantizationConfig):
@@ -153,6 +154,8 @@ class DAQLinearMethod(LinearMethodBase):
                                                            device=layer.qweight.device), persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return daq_linear(x, layer.qweight, layer.scales, layer.offsets, layer.daq_codebook,
-                          self.fmt.bits, self.fmt.group_size, bias)
+        """The Triton kernels as a custom op on CUDA (torch.compile, CUDA graphs); the torch path elsewhere."""
+        compute = daq_linear_op if x.is_cuda else daq_linear
+        return compute(x, layer.qweight, layer.scales, layer.offsets, layer.daq_codebook,
+                       self.fmt.bits, self.fmt.group_size, bias)
 
