@@ -14,8 +14,9 @@ other edge.
 
 Paths, chosen per (M bucket, N, K) by measurement on the GPU (`_tuned`), with fixed defaults
 under the interpreter and during CUDA-graph capture:
-- `gemv` (M <= 8, decode): CUDA-core products, one x row at a time against a decoded
-  [BLOCK_N, groups, g] tile, optional split-K over groups with atomic adds;
+- `gemv` (M <= 8, decode): CUDA-core products, one x row per program, weights walked in chunks
+  of 32 codes (exactly `bits` int32 words, so each code is a constant shift of one word plane),
+  optional split-K with atomic adds;
 - `gemm`: a tiled `tl.dot` per group (fp32 accumulate), optional split-K for small M;
 - `dequant`: write W_hat once, then cuBLAS (`torch.nn.functional.linear`), for large M.
 
