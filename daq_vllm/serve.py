@@ -115,7 +115,9 @@ def serve(directory: str, server_args: list[str]) -> int:
     try:
         while child.poll() is None and not _healthy(base):
             time.sleep(POLL_S)
-        if child.poll() is not None:
+        if child.returncode == 0:
+            return 0  # e.g. `daq-vllm serve DIR --help`: vLLM printed its help
+        if child.returncode is not None:
             raise DAQError(f"the vLLM server exited with code {child.returncode} during start-up; its log above says why")
         print(f"daq-vllm: serving {path} at {base}/v1 (Ctrl-C stops it)", flush=True)
         code = child.wait()
