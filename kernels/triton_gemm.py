@@ -37,7 +37,6 @@ import triton.language as tl
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 2048  # the untuned default switches to dequantize + cuBLAS from here
 _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_E2M1_SCALE = 16384.0  # fp16 pattern (code & 7) << 9 is the E2M1 magnitude / 2**14
 
 
 def interpreting() -> bool:
@@ -163,7 +162,7 @@ def _values(code, cb_ptr, mask, E2M1: tl.constexpr):
 def _group_params(s_ptr, b_ptr, offs_n, group, mask, stride_sn, E2M1: tl.constexpr):
     s = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs_n * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
-    if E2M1:
+    if E2M1:  # the fp16 pattern (code & 7) << 9 is the E2M1 magnitude / 2**14
         s = s * 16384.0
     return s, b
 
@@ -373,7 +372,7 @@ def dequantize_triton(qweight, scales, offsets, codebook, bits: int, group_size:
 
 def dequant_matmul(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None,
                    config: KernelConfig | None = None) -> torch.Tensor:
-    """Large M: W_hat once in x.dtype, then cuBLAS."""
+    """Large M: W_hat once in x.dtype, then cuBLAS (`config` is unused: the same signature as the other paths)."""
     w = dequantize_triton(qweight, scales, offsets, codebook, bits, group_size, x.shape[1], x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -454,15 +453,10 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, bias) -> Ker
     return _TUNED[key][0]
 
 
-def daq_linear_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None,
-                      tune: bool = True) -> torch.Tensor:
+def daq_linear_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None) -> torch.Tensor:
     """`x @ W_hat^T (+ bias)` for x [..., K]: the tuned path for this (M bucket, N, K) on CUDA."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    m, k = x2.shape
-    if tune:
-        cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, bias)
-    else:
-        cfg = default_config(m, qweight.shape[0], k, x.is_cuda)
+    cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, bias)
     y = _PATHS[cfg.path](x2, qweight, scales, offsets, codebook, bits, group_size, bias, cfg)
     return y.reshape(*lead, y.shape[-1])
