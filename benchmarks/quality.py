@@ -1,7 +1,8 @@
 """Quality of the quantizers on SmolLM2-135M: WikiText-2 test perplexity.
 
 Rows are METHOD-FORMAT: METHOD is rtn, absmax or dca (no calibration) or daq (DCA + LDRA with the
-default calibration: 128 blocks of 512 tokens of WikiText-2 valid).
+default calibration: 128 blocks of 512 tokens of WikiText-2 valid), or daqseq (the same with
+`--sequential` inputs: each layer calibrated on the quantized layers' outputs).
 
 Each row runs the real pipeline (quantize -> write checkpoint -> load through transformers ->
 evaluate). Writes benchmarks/results/quality.md and .json after every row, so a long run that
@@ -113,10 +114,10 @@ def main() -> None:
                 continue
             method, fmt = row.split("-", 1)
             out = CACHE / f"quality-{row}-g{g}"
-            calibrated = method == "daq"
+            calibrated = method in ("daq", "daqseq")
             opts = QuantizeOptions(
                 format=fmt, group_size=g, init=InitSpec(method="dca" if calibrated else method),
-                ldra=LDRASpec() if calibrated else None, overwrite=True, progress=False,
+                ldra=LDRASpec() if calibrated else None, sequential=method == "daqseq", overwrite=True, progress=False,
             )
             t0 = time.time()
             report = quantize_model(str(fp_dir), out, opts)
