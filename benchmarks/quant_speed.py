@@ -3,7 +3,8 @@
 1. `daq-vllm quantize` of SmolLM2-135M with full DAQ (default settings: W4 fp4_e2m1, g128... set by
    --format/--group-size), wall time and peak RSS of the process;
 2. one Llama-2-7B-shaped decoder layer (hidden 4096, intermediate 11008, random weights): time of
-   the calibration forward with second moments per token, and of LDRA per solver, on this machine.
+   the calibration forward with second moments per token, of LDRA per solver and of the
+   error-compensated rounding (`--rounding gptq`), on this machine.
    With --device cuda the same on a GPU.
 
 Writes benchmarks/results/quant_speed.md and .json.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, machine, smollm2_float_dir, write_results  # noqa: E402
 
 from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.offline.compensated import CompensationSpec, compensate  # noqa: E402
 from daq_vllm.offline.layerwise import SecondMoments  # noqa: E402
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra  # noqa: E402
 from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
@@ -65,7 +67,7 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
     blocks = max(1, tokens // seqlen)
     x = torch.randn(blocks, seqlen, hidden, device=device)
     pos = rotary(x[:1], torch.arange(seqlen, device=device)[None])
-    acc = SecondMoments(128)
+    acc = SecondMoments(128, full=True)  # the full moment is a superset: gptq rounding needs it
     acc.attach(layer, "l", [f"l.{n}" for n in LAYER_LINEARS])
 
     def sync():
@@ -82,8 +84,9 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
     forward = time.time() - t0
     acc.detach()
     cb = get_codebook("fp4_e2m1")
-    result = {"calib_tokens": blocks * seqlen, "forward_and_moments_s": round(forward, 2),
+    result = {"calib_tokens": blocks * seqlen, "forward_and_full_moments_s": round(forward, 2),
               "forward_s_per_1k_tokens": round(forward / (blocks * seqlen) * 1000, 3)}
+    quantized = {}
     for solver in solvers:
         # The sign search is timed over 2 iterations and reported per iteration (its full schedule
         # runs up to 10 x 100 of them).
@@ -92,13 +95,20 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
         t0 = time.time()
         for name in LAYER_LINEARS:
             w = layer.get_submodule(name).weight.data
-            quantize_weight_ldra(w, acc.moments(f"l.{name}"), cb, 128, InitSpec(), spec)
+            quantized[name], _ = quantize_weight_ldra(w, acc.moments(f"l.{name}"), cb, 128, InitSpec(), spec)
         sync()
         elapsed = time.time() - t0
         if solver == "alt":
             result["ldra_alt_s (shrink grid + alternating)"] = round(elapsed, 2)
         else:
             result["ldra_sign_s_per_iteration"] = round(elapsed / 2, 2)
+    sync()
+    t0 = time.time()
+    for name in LAYER_LINEARS:
+        compensate(layer.get_submodule(name).weight.data, acc.full_moment(f"l.{name}"), quantized[name], cb, 128,
+                   CompensationSpec())
+    sync()
+    result["gptq_rounding_s"] = round(time.time() - t0, 2)
     return result
 
 
@@ -116,8 +126,10 @@ def markdown(payload: dict) -> str:
     for k, v in layer.items():
         lines.append(f"| {k} | {v} |")
     est = payload["estimate_7b"]
-    lines += ["", f"Estimate for Llama-2-7B (32 layers, 128 x 512 calibration tokens, alt solver): "
-              f"{est['per_layer_s']:.0f} s per layer, {est['total_min']:.1f} min in all.", ""]
+    lines += ["", "Estimate for Llama-2-7B (32 layers, 128 x 512 calibration tokens, alt solver):"]
+    for rounding, e in est.items():
+        lines.append(f"- `--rounding {rounding}`: {e['per_layer_s']:.0f} s per layer, {e['total_min']:.1f} min in all.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -134,14 +146,18 @@ def main() -> None:
     payload = {"machine": machine(), "device": args.device}
     if not args.skip_model:
         payload["smollm2"] = [
-            time_cli_quantize(args.format, args.group_size, ["--method", "daq"]),
+            time_cli_quantize(args.format, args.group_size, ["--method", "daq", "--rounding", "nearest"]),
+            time_cli_quantize(args.format, args.group_size, ["--method", "daq", "--rounding", "gptq"]),
             time_cli_quantize(args.format, args.group_size, ["--method", "dca"]),
         ]
         print(payload["smollm2"], flush=True)
     layer = seven_b_layer(args.device, args.layer_tokens, ["alt", "sign"], args.hidden, args.intermediate)
     payload["layer_7b"] = layer
     per_layer = layer["forward_s_per_1k_tokens"] * 65.536 + layer["ldra_alt_s (shrink grid + alternating)"]
-    payload["estimate_7b"] = {"per_layer_s": per_layer, "total_min": per_layer * 32 / 60}
+    payload["estimate_7b"] = {
+        rounding: {"per_layer_s": s, "total_min": s * 32 / 60}
+        for rounding, s in (("nearest", per_layer), ("gptq", per_layer + layer["gptq_rounding_s"]))
+    }
     print(layer, flush=True)
     name = "quant_speed" if args.device == "cpu" else f"quant_speed-{args.device.replace(':', '')}"
     write_results(name, payload, markdown(payload))

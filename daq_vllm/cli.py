@@ -33,6 +33,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ldra-init", default="dca", choices=list(INIT_METHODS), help="initializer LDRA starts from (default: dca)")
     p.add_argument("--ldra-solver", default="alt", choices=list(SOLVERS),
                    help="alt = alternating codes / weighted least squares (default); sign = the paper's sign search")
+    p.add_argument("--rounding", default=None, choices=["gptq", "nearest"],
+                   help="codes on the tuned grids: gptq = error-compensated, column by column through the full input "
+                        "second moment (default with --method daq; K x K floats per input) or nearest (the paper's)")
     p.add_argument("--no-shrink-grid", action="store_true",
                    help="start LDRA from the DCA range as is, not from the best per-group shrink of 0.6..1.0")
     p.add_argument("--epochs", type=int, default=10, help="sign solver: epochs (default: 10)")
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .offline.calibration import CalibSpec
+    from .offline.compensated import CompensationSpec
     from .offline.ldra import LDRASpec
     from .offline.pipeline import QuantizeOptions, quantize_model
     from .offline.quantizer import InitSpec
@@ -104,6 +108,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
     calibrate = args.method == "daq"
+    if args.rounding == "gptq" and not calibrate:
+        raise DAQError(f"--rounding gptq needs calibration statistics; use it with --method daq, not {args.method}")
     init_method = args.ldra_init if calibrate else args.method
     opts = QuantizeOptions(
         format=args.format,
@@ -111,6 +117,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         init=InitSpec(method=init_method, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
         ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})) if calibrate else None,
+        compensation=CompensationSpec() if calibrate and args.rounding != "nearest" else None,
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         sequential=args.sequential,
         resume=args.resume,

@@ -2,7 +2,8 @@
 
 Only the current layer is materialised on the compute device; the activations of all calibration
 blocks between two layers are kept there. Forward pre-hooks on the layer's linears accumulate the
-block-diagonal second moment of their inputs per group, `sum_t x_t,j x_t,j^T`, batch by batch.
+block-diagonal second moment of their inputs per group, `sum_t x_t,j x_t,j^T`, batch by batch
+(or the full `X^T X` when error-compensated rounding needs it).
 """
 
 from __future__ import annotations
@@ -122,10 +123,13 @@ class SecondMoments:
     """Accumulates per-group `X_j^T X_j` and the token count for each linear of one layer.
 
     Linears that read the same input tensor in a pass (q/k/v, gate/up) share one accumulator.
+    With `full`, the whole `X^T X` [K, K] is accumulated instead and the per-group blocks are its
+    diagonal blocks (K^2 floats per distinct input: what GPTQ holds too).
     """
 
-    def __init__(self, group_size: int):
+    def __init__(self, group_size: int, full: bool = False):
         self.group_size = group_size
+        self.full = full
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.tokens: dict[str, int] = {}
         self.alias: dict[str, str] = {}
@@ -162,10 +166,12 @@ class SecondMoments:
         g = self.group_size
         full = k // g
         parts = []
-        if full:
+        if self.full:
+            parts.append(x.T @ x)
+        elif full:
             xf = x[:, : full * g].reshape(t, full, g).transpose(0, 1)  # [G, T, g]
             parts.append(torch.bmm(xf.transpose(1, 2), xf))
-        if k % g:
+        if k % g and not self.full:
             xt = x[:, full * g :]
             parts.append((xt.T @ xt)[None])
         if name not in self.sums:
@@ -177,5 +183,25 @@ class SecondMoments:
 
     def moments(self, name: str) -> list[torch.Tensor]:
         """Per block of groups (full groups, then the partial one): H = X^T X / T, [G, L, L]."""
+        if self.full:
+            return diagonal_blocks(self.full_moment(name), self.group_size)
         owner = self.alias.get(name, name)
         return [s / self.tokens[owner] for s in self.sums[owner]]
+
+    def full_moment(self, name: str) -> torch.Tensor:
+        """H = X^T X / T [K, K]; only with `full`."""
+        owner = self.alias.get(name, name)
+        return self.sums[owner][0] / self.tokens[owner]
+
+
+def diagonal_blocks(h: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """The g x g diagonal blocks of H [K, K] as `SecondMoments.moments` lays them out."""
+    k = h.shape[0]
+    full = k // group_size
+    blocks = []
+    if full:
+        hf = h[: full * group_size, : full * group_size].reshape(full, group_size, full, group_size)
+        blocks.append(hf.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous())
+    if k % group_size:
+        blocks.append(h[full * group_size :, full * group_size :][None].contiguous())
+    return blocks

@@ -26,6 +26,7 @@ from daq_vllm.kernels import dequantize, pack_codes
 
 from .calibration import CalibSpec, calibration_blocks
 from .checkpoint_writer import ShardedWriter, commit_output, prepare_output
+from .compensated import CompensationSpec, compensate
 from .layerwise import LayerRunner, SecondMoments, materialize, release, set_parameter
 from .ldra import LDRASpec, quantize_weight_ldra
 from .model_source import DecoderLayer, ModelSource, open_model
@@ -41,12 +42,14 @@ class QuantizeOptions:
 
     `ldra=None` quantizes from the initializer alone (no calibration); with an LDRASpec the run
     calibrates on `calib` and tunes each group (the full DAQ when `init.method` is "dca").
+    `compensation` (with LDRA only) re-chooses the codes on the tuned grids GPTQ-style.
     """
 
     format: str = "fp4_e2m1"
     group_size: int = 128
     init: InitSpec = field(default_factory=InitSpec)
     ldra: LDRASpec | None = None
+    compensation: CompensationSpec | None = None
     calib: CalibSpec = field(default_factory=CalibSpec)
     sequential: bool = False
     skip: list[str] = field(default_factory=list)
@@ -58,9 +61,10 @@ class QuantizeOptions:
     progress: bool = True
 
     def method_name(self) -> str:
-        return "daq" if self.ldra is not None and self.init.method == "dca" else (
+        name = "daq" if self.ldra is not None and self.init.method == "dca" else (
             f"{self.init.method}+ldra" if self.ldra is not None else self.init.method
         )
+        return f"{name}+gptq" if self.compensation is not None else name
 
 
 def _check_options(opts: QuantizeOptions) -> None:
@@ -73,6 +77,8 @@ def _check_options(opts: QuantizeOptions) -> None:
             f"group size {opts.group_size} is not supported; choose one of "
             f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
         )
+    if opts.compensation is not None and opts.ldra is None:
+        raise DAQError("--rounding gptq needs calibration: use it with --method daq")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise DAQError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
 
@@ -97,14 +103,17 @@ class _LinearQuantizer:
     def weight(self, tensor_name: str) -> torch.Tensor:
         return _checked(tensor_name, self.source.tensor(tensor_name)).to(self.opts.device, torch.float32)
 
-    def __call__(self, name: str, w: torch.Tensor, moments: list[torch.Tensor] | None) -> tuple[dict, dict]:
+    def __call__(self, name: str, w: torch.Tensor, moments: SecondMoments | None) -> tuple[dict, dict]:
         opts = self.opts
         info: dict = {}
         if moments is None:
             qw = quantize_weight(w, self.codebook, opts.group_size, opts.init)
         else:
-            qw, stats = quantize_weight_ldra(w, moments, self.codebook, opts.group_size, opts.init, opts.ldra)
+            qw, stats = quantize_weight_ldra(w, moments.moments(name), self.codebook, opts.group_size, opts.init, opts.ldra)
             info["ldra_loss"] = [stats.initial_loss, stats.final_loss]
+            if opts.compensation is not None:
+                qw, info["full_loss"] = compensate(w, moments.full_moment(name), qw, self.codebook,
+                                                   opts.group_size, opts.compensation)
         packed = pack_codes(qw.codes, self.codebook.bits)
         w_hat = self.dequantize(packed, qw.scales, qw.offsets, w.shape[1])
         info["rel_error"] = ((w_hat - w).norm() / w.norm().clamp_min(1e-30)).item()
@@ -127,7 +136,7 @@ class _Calibrated:
 
     def quantize_layer(self, layer: DecoderLayer, names: list[str], quantizer: _LinearQuantizer) -> tuple[dict, dict]:
         materialize(self.source, layer.name, layer.module, self.opts.device)
-        moments = SecondMoments(self.opts.group_size)
+        moments = SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
         moments.attach(layer.module, layer.name, names)
         try:
             outputs = self.runner.forward(layer.module, self.hidden, before_each=moments.new_pass)
@@ -135,7 +144,7 @@ class _Calibrated:
             moments.detach()
         tensors, infos = {}, {}
         for name in names:
-            t, infos[name] = quantizer(name, quantizer.weight(f"{name}.weight"), moments.moments(name))
+            t, infos[name] = quantizer(name, quantizer.weight(f"{name}.weight"), moments)
             tensors.update(t)
         self.advance(layer, names, tensors, quantizer, outputs)
         return tensors, infos
@@ -250,6 +259,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
                 "method": opts.method_name(),
                 "init": asdict(opts.init),
                 "ldra": asdict(opts.ldra) if opts.ldra is not None else None,
+                "compensation": asdict(opts.compensation) if opts.compensation is not None else None,
                 "calibration": ({**asdict(opts.calib), "sequential": opts.sequential} if opts.ldra is not None else None),
                 "source": str(source.path),
                 "skip": list(opts.skip),
