@@ -75,6 +75,8 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "daqseq rows calibrate each layer on the quantized layers' outputs; +gptq rows re-choose the codes on the",
         "tuned grids with GPTQ-style error compensation (`--rounding gptq`; scales and offsets unchanged).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
+        "ROW/nN rows calibrate on N blocks. `quantize s` is wall time with other jobs sharing the 2 cores;",
+        "benchmarks/results/quant_speed.md has the idle timing.",
     ]
     if any("tool" in r for r in rows):
         lines.append(PEER_NOTE)
@@ -88,7 +90,36 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         bpw = f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "32"
         secs = f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else "-"
         lines.append(f"| {r['row']} | {g} | {bpw} | {r['ppl']:.3f} | {r['ppl'] - full:+.3f} | {secs} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + goal_lines(rows, full)) + "\n"
+
+
+GOALS = (  # (what, DAQ rows considered, peer row, largest allowed fraction of the peer's PPL loss)
+    ("best 4-bit DAQ row", lambda r: r["bits"] == 4, "gptq-int4", 0.5),
+    ("daq-fp4_e2m1 (nearest rounding)", lambda r: r["row"] == "daq-fp4_e2m1", "gptq-int4", 1.0),
+    ("daq+gptq-fp4_e2m1", lambda r: r["row"] == "daq+gptq-fp4_e2m1", "gptq-int4", 1.0),
+    ("best 3-bit DAQ row", lambda r: r["bits"] == 3, "gptq-int3", 0.8),
+)
+
+
+def goal_lines(rows: list[dict], full: float) -> list[str]:
+    """The issue's acceptance goals at g64, each DAQ row's loss against the same-run peer's.
+
+    Only rows with the default calibration (no /nN) count, so the goals compare like with like.
+    """
+    g64 = {r["row"]: r for r in rows if r.get("group_size") == 64}
+    daq = [r for r in g64.values() if r.get("method", "").split("+")[0] in ("daq", "daqseq") and "/" not in r["row"]]
+    out = ["", "## Goals (g64, PPL loss against the peer of the same run)", "",
+           "| goal | DAQ row | loss | peer | peer loss | ratio | allowed | met |", "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    for what, pick, peer, allowed in GOALS:
+        candidates = [r for r in daq if pick(r)]
+        if peer not in g64 or not candidates:
+            continue
+        best = min(candidates, key=lambda r: r["ppl"])
+        loss, peer_loss = best["ppl"] - full, g64[peer]["ppl"] - full
+        ratio = loss / peer_loss
+        out.append(f"| {what} | {best['row']} | {loss:.3f} | {peer} | {peer_loss:.3f} | {ratio:.2f} | "
+                   f"{allowed:.1f} | {'yes' if ratio <= allowed else 'no'} |")
+    return out if len(out) > 5 else []
 
 
 def save_row(row: dict, windows: int, total: int) -> list[dict]:
