@@ -108,8 +108,7 @@ def goal_lines(rows: list[dict], full: float) -> list[str]:
     """
     g64 = {r["row"]: r for r in rows if r.get("group_size") == 64}
     daq = [r for r in g64.values() if r.get("method", "").split("+")[0] in ("daq", "daqseq") and "/" not in r["row"]]
-    out = ["", "## Goals (g64, PPL loss against the peer of the same run)", "",
-           "| goal | DAQ row | loss | peer | peer loss | ratio | allowed | met |", "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    table = []
     for what, pick, peer, allowed in GOALS:
         candidates = [r for r in daq if pick(r)]
         if peer not in g64 or not candidates:
@@ -117,9 +116,13 @@ def goal_lines(rows: list[dict], full: float) -> list[str]:
         best = min(candidates, key=lambda r: r["ppl"])
         loss, peer_loss = best["ppl"] - full, g64[peer]["ppl"] - full
         ratio = loss / peer_loss
-        out.append(f"| {what} | {best['row']} | {loss:.3f} | {peer} | {peer_loss:.3f} | {ratio:.2f} | "
+        table.append(f"| {what} | {best['row']} | {loss:.3f} | {peer} | {peer_loss:.3f} | {ratio:.2f} | "
                    f"{allowed:.1f} | {'yes' if ratio <= allowed else 'no'} |")
-    return out if len(out) > 5 else []
+    if not table:
+        return []
+    return ["", "## Goals (g64, PPL loss against the peer of the same run)", "",
+            "| goal | DAQ row | loss | peer | peer loss | ratio | allowed | met |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |", *table]
 
 
 def save_row(row: dict, windows: int, total: int) -> list[dict]:

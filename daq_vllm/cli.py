@@ -108,8 +108,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
     calibrate = args.method == "daq"
-    if args.rounding == "gptq" and not calibrate:
-        raise DAQError(f"--rounding gptq needs calibration statistics; use it with --method daq, not {args.method}")
     init_method = args.ldra_init if calibrate else args.method
     opts = QuantizeOptions(
         format=args.format,
@@ -117,7 +115,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         init=InitSpec(method=init_method, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
         ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})) if calibrate else None,
-        compensation=CompensationSpec() if calibrate and args.rounding != "nearest" else None,
+        compensation=CompensationSpec() if args.rounding == "gptq" or (calibrate and args.rounding is None) else None,
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         sequential=args.sequential,
         resume=args.resume,

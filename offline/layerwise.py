@@ -162,24 +162,28 @@ class SecondMoments:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        t, k = x.shape
-        g = self.group_size
-        full = k // g
-        parts = []
-        if self.full:
-            parts.append(x.T @ x)
-        elif full:
-            xf = x[:, : full * g].reshape(t, full, g).transpose(0, 1)  # [G, T, g]
-            parts.append(torch.bmm(xf.transpose(1, 2), xf))
-        if k % g and not self.full:
-            xt = x[:, full * g :]
-            parts.append((xt.T @ xt)[None])
+        t = x.shape[0]
+        parts = [x.T @ x] if self.full else self._group_products(x)
         if name not in self.sums:
             self.sums[name], self.tokens[name] = parts, 0
         else:
             for acc, p in zip(self.sums[name], parts):
                 acc += p
         self.tokens[name] += t
+
+    def _group_products(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per block of groups: `X_j^T X_j` for the full groups [G, g, g], then the partial one [1, L, L]."""
+        t, k = x.shape
+        g = self.group_size
+        full = k // g
+        parts = []
+        if full:
+            xf = x[:, : full * g].reshape(t, full, g).transpose(0, 1)  # [G, T, g]
+            parts.append(torch.bmm(xf.transpose(1, 2), xf))
+        if k % g:
+            xt = x[:, full * g :]
+            parts.append((xt.T @ xt)[None])
+        return parts
 
     def moments(self, name: str) -> list[torch.Tensor]:
         """Per block of groups (full groups, then the partial one): H = X^T X / T, [G, L, L]."""

@@ -78,7 +78,7 @@ def _check_options(opts: QuantizeOptions) -> None:
             f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
         )
     if opts.compensation is not None and opts.ldra is None:
-        raise DAQError("--rounding gptq needs calibration: use it with --method daq")
+        raise DAQError(f"--rounding gptq needs calibration statistics; use it with --method daq, not {opts.init.method}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise DAQError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
 

@@ -8,21 +8,9 @@ import torch
 from daq_vllm import cli
 from daq_vllm.codebooks import get_codebook
 from daq_vllm.offline.compensated import CompensationSpec, compensate, compensated_codes, row_losses
-from daq_vllm.offline.layerwise import SecondMoments
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra
 from daq_vllm.offline.quantizer import InitSpec
-from test_ldra import calib_file, daq_args
-
-
-def accumulate(x_batches, k, g, full):
-    lin = torch.nn.Linear(k, 3, bias=False)
-    acc = SecondMoments(g, full=full)
-    acc.attach(torch.nn.Sequential(lin), "m", ["m.0"])
-    for x in x_batches:
-        acc.new_pass()
-        lin(x)
-    acc.detach()
-    return acc
+from test_ldra import accumulate, calib_file, daq_args
 
 
 def test_full_moment_blocks_equal_the_block_diagonal_accumulator():

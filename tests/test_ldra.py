@@ -18,16 +18,21 @@ from daq_vllm.offline.quantizer import InitSpec, init_range
 from helpers import WORDS, tiny_tokenizer
 
 
-def moments_of(x_batches, k, g):
-    """H from the hook-based accumulator, fed batch by batch through a real nn.Linear."""
+def accumulate(x_batches, k, g, full=False):
+    """The hook-based accumulator of one linear "m.0", fed batch by batch through a real nn.Linear."""
     lin = torch.nn.Linear(k, 3, bias=False)
-    acc = SecondMoments(g)
+    acc = SecondMoments(g, full=full)
     acc.attach(torch.nn.Sequential(lin), "m", ["m.0"])
     for x in x_batches:
         acc.new_pass()
         lin(x)
     acc.detach()
-    return acc.moments("m.0")
+    return acc
+
+
+def moments_of(x_batches, k, g):
+    """Per-group H from the hook-based accumulator."""
+    return accumulate(x_batches, k, g).moments("m.0")
 
 
 def test_objective_equals_mean_squared_partial_output_error():
