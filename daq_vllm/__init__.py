@@ -7,9 +7,9 @@ Importing this package registers the `daq` quant method with transformers, so
 __version__ = "0.1.0"
 
 from .errors import DAQError  # noqa: E402
+from .eval.loading import load  # noqa: E402
 from .format import DAQFormat  # noqa: E402
-from .hf_integration import register as _register_with_transformers  # noqa: E402
-from .loading import load  # noqa: E402
+from .integrations.transformers import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
 

@@ -1,36 +1,21 @@
-"""DAQ compute kernels: bit packing, the torch reference and the Triton dequant-GEMM.
+"""DAQ compute kernels: bit packing, the torch reference and the kernel layer.
 
-Knows nothing of the quantizer or of vLLM: callers pass tensors and the codebook. Triton is
-imported only for CUDA tensors, so CPU users do not need it (tests run the Triton paths on CPU
-through `triton_gemm` under TRITON_INTERPRET=1).
+Every compute path is a `LinearKernel` chosen once per layer by `choose_kernel(LinearSpec)`:
+`torch` (the reference, any device), `dense` (decoded once, on request) and `triton` (CUDA, or
+CPU tensors under TRITON_INTERPRET=1). Knows nothing of the quantizer, transformers or vLLM; it
+builds on the format contract only. Triton is imported when a Triton kernel first runs.
 """
 
-import torch
-
+from .base import LinearKernel, LinearSpec
 from .packing import pack_codes, packed_words, unpack_codes
 from .reference import daq_linear_reference, dequantize, expand_groups
-
-
-def daq_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: torch.Tensor,
-    codebook: torch.Tensor,
-    bits: int,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`x @ W_hat^T (+ bias)` for x [..., K]: the Triton kernels on CUDA, the torch reference elsewhere."""
-    if x.is_cuda:
-        from .triton_gemm import daq_linear_triton
-
-        return daq_linear_triton(x, qweight, scales, offsets, codebook, bits, group_size, bias)
-    return daq_linear_reference(x, qweight, scales, offsets, codebook, bits, group_size, bias)
-
+from .select import KERNELS, choose_kernel
 
 __all__ = [
-    "daq_linear",
+    "KERNELS",
+    "LinearKernel",
+    "LinearSpec",
+    "choose_kernel",
     "daq_linear_reference",
     "dequantize",
     "expand_groups",

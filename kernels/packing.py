@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import torch
 
-_WORD_BITS = 32
+from daq_vllm.format.layout import WORD_BITS as _WORD_BITS
+from daq_vllm.format.layout import packed_words
+
 _WORD_MASK = (1 << _WORD_BITS) - 1
-
-
-def packed_words(k: int, bits: int) -> int:
-    """Number of int32 words that hold `k` codes of `bits` bits."""
-    return (k * bits + _WORD_BITS - 1) // _WORD_BITS
-
 
 def _bit_positions(k: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     start = torch.arange(k, device=device, dtype=torch.int64) * bits

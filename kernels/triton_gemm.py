@@ -27,7 +27,6 @@ interpreter's bf16 `tl.dot` is wrong.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,7 +35,6 @@ import triton.language as tl
 
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 2048  # the untuned default switches to dequantize + cuBLAS from here
-_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def interpreting() -> bool:
@@ -278,26 +276,6 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_E2M1_CACHE: dict[int, tuple[weakref.ref, int, bool]] = {}
-
-
-def is_e2m1(codebook: torch.Tensor) -> bool:
-    """Whether the table is fp4_e2m1 in code order, so the bit-decoding path applies.
-
-    Cached per tensor object and version: the first call reads the table (a device sync), later
-    calls, including those inside CUDA-graph capture, do not; an unseen table during capture
-    takes the table path.
-    """
-    entry = _E2M1_CACHE.get(id(codebook))
-    if entry is not None and entry[0]() is codebook and entry[1] == codebook._version:
-        return entry[2]
-    if codebook.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    known = codebook.numel() == 16 and codebook.detach().float().cpu().tolist() == list(_E2M1_VALUES)
-    _E2M1_CACHE[id(codebook)] = (weakref.ref(codebook), codebook._version, known)
-    return known
-
-
 def _prepare(qweight, scales, offsets, codebook):
     return qweight.contiguous(), scales.contiguous(), offsets.contiguous(), codebook.float().contiguous()
 
@@ -314,7 +292,7 @@ def _split_k(units: int, split_k: int, per_iter: int, dtype: torch.dtype) -> tup
     return per_split, triton.cdiv(units, per_split)
 
 
-def gemv_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None,
+def gemv_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool, bias=None,
                 config: KernelConfig | None = None) -> torch.Tensor:
     """CUDA-core dequant-GEMV for small M (decode): x [M <= 8, K] -> [M, N] in x.dtype."""
     cfg = config or default_config(x.shape[0], qweight.shape[0], x.shape[1], x.is_cuda)
@@ -330,13 +308,13 @@ def gemv_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: in
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), m, splits)](
         x, qweight, cb, scales, offsets, bias if bias is not None else y, y, m, n, k, qweight.shape[1], chunks,
         per_split, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, GROUP=group_size, E2M1=is_e2m1(codebook), HAS_BIAS=bias is not None,
+        BITS=bits, GROUP=group_size, E2M1=e2m1, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.chunks_per_iter, SPLIT_K=splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
-def gemm_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None,
+def gemm_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool, bias=None,
                 config: KernelConfig | None = None) -> torch.Tensor:
     """Tensor-core dequant-GEMM, x [M, K] -> [M, N] in x.dtype."""
     cfg = config or default_config(max(x.shape[0], GEMV_MAX_M + 1), qweight.shape[0], x.shape[1], x.is_cuda)
@@ -351,12 +329,12 @@ def gemm_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: in
     _gemm_kernel[grid](
         x, qweight, cb, scales, offsets, bias if bias is not None else y, y, m, n, k, qweight.shape[1], groups,
         per_split, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, GROUP=group_size, E2M1=is_e2m1(codebook), HAS_BIAS=bias is not None, UPCAST=interpreting(),
+        BITS=bits, GROUP=group_size, E2M1=e2m1, HAS_BIAS=bias is not None, UPCAST=interpreting(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
-def dequantize_triton(qweight, scales, offsets, codebook, bits: int, group_size: int, in_features: int,
+def dequantize_triton(qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool, in_features: int,
                       dtype: torch.dtype, block_n: int = 32, groups_per_program: int = 1) -> torch.Tensor:
     """W_hat [N, in_features] in `dtype`."""
     qweight, scales, offsets, cb = _prepare(qweight, scales, offsets, codebook)
@@ -366,14 +344,14 @@ def dequantize_triton(qweight, scales, offsets, codebook, bits: int, group_size:
     grid = (triton.cdiv(n, block_n), triton.cdiv(groups, groups_per_program))
     _dequant_kernel[grid](qweight, cb, scales, offsets, out, n, in_features, qweight.shape[1], groups,
                           qweight.stride(0), scales.stride(0), out.stride(0),
-                          BITS=bits, GROUP=group_size, E2M1=is_e2m1(codebook), BLOCK_N=block_n, GPI=groups_per_program)
+                          BITS=bits, GROUP=group_size, E2M1=e2m1, BLOCK_N=block_n, GPI=groups_per_program)
     return out
 
 
-def dequant_matmul(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None,
+def dequant_matmul(x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool, bias=None,
                    config: KernelConfig | None = None) -> torch.Tensor:
     """Large M: W_hat once in x.dtype, then cuBLAS (`config` is unused: the same signature as the other paths)."""
-    w = dequantize_triton(qweight, scales, offsets, codebook, bits, group_size, x.shape[1], x.dtype)
+    w = dequantize_triton(qweight, scales, offsets, codebook, bits, group_size, e2m1, x.shape[1], x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -421,7 +399,7 @@ def tuned_configs() -> list[dict]:
     return [{**dict(zip(keys, key)), **asdict(cfg), "ms": ms} for key, (cfg, ms) in _TUNED.items()]
 
 
-def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, bias) -> KernelConfig:
+def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias) -> KernelConfig:
     """The measured-best config for this (M bucket, N, K, format); tuned on first use.
 
     No tuning on CPU (interpreter) or during CUDA-graph capture, where a key not yet tuned gets
@@ -431,8 +409,7 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, bias) -> Ker
     n = qweight.shape[0]
     if not x.is_cuda:
         return default_config(m, n, k, False)
-    key = (m_bucket(m), n, k, bits, group_size, str(x.dtype).removeprefix("torch."), is_e2m1(codebook),
-           bias is not None)
+    key = (m_bucket(m), n, k, bits, group_size, str(x.dtype).removeprefix("torch."), e2m1, bias is not None)
     if key in _TUNED:
         return _TUNED[key][0]
     if torch.cuda.is_current_stream_capturing():
@@ -443,7 +420,7 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, bias) -> Ker
     for cfg in candidate_configs(m):
         run = _PATHS[cfg.path]
         try:
-            ms = do_bench(lambda: run(x, qweight, scales, offsets, codebook, bits, group_size, bias, cfg),
+            ms = do_bench(lambda: run(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, cfg),
                           warmup=5, rep=20, return_mode="median")
         except Exception:  # noqa: BLE001 - a candidate that does not compile or launch here is skipped
             continue
@@ -453,10 +430,15 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, bias) -> Ker
     return _TUNED[key][0]
 
 
-def daq_linear_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, bias=None) -> torch.Tensor:
-    """`x @ W_hat^T (+ bias)` for x [..., K]: the tuned path for this (M bucket, N, K) on CUDA."""
+def daq_linear_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool,
+                      bias=None) -> torch.Tensor:
+    """`x @ W_hat^T (+ bias)` for x [..., K]: the tuned path for this (M bucket, N, K) on CUDA.
+
+    `e2m1`: the codebook is fp4_e2m1 in code order (decided once per layer by the kernel layer,
+    `LinearSpec.decode`), so codes are decoded from their bits instead of the table.
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, bias)
-    y = _PATHS[cfg.path](x2, qweight, scales, offsets, codebook, bits, group_size, bias, cfg)
+    cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias)
+    y = _PATHS[cfg.path](x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, cfg)
     return y.reshape(*lead, y.shape[-1])

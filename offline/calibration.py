@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from daq_vllm.data import WIKITEXT2_VALID_TOKENS, find_data_file
+from daq_vllm.data.wikitext import WIKITEXT2_VALID_TOKENS, find_data_file
 from daq_vllm.errors import DAQError
 
 WIKITEXT2_VALID = "wikitext2-valid"

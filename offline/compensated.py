@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from daq_vllm.codebooks import Codebook
+from daq_vllm.format.codebooks import Codebook
 
 from .quantizer import NearestCode, QuantizedWeight
 

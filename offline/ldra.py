@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from daq_vllm.codebooks import Codebook
+from daq_vllm.format.codebooks import Codebook
 
 from .quantizer import (
     InitSpec,

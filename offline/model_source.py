@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from daq_vllm.errors import DAQError
-from daq_vllm.loading import strip_gguf_marker
+from daq_vllm.model_files import load_gguf, resolve_model_path
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -205,30 +205,11 @@ def _meta_skeleton(config) -> nn.Module:
         ) from None
 
 
-def open_gguf(path: Path) -> InMemorySource:
-    """Dequantize a .gguf file to float32 through transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise DAQError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
-    strip_gguf_marker(model)
-    return InMemorySource(path, model, tokenizer)
-
-
 def open_model(path_str: str) -> ModelSource:
     """Open a model for quantization, or raise DAQError naming what is wrong."""
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise DAQError(f"model path {path} does not exist; pass a Hugging Face model directory or a .gguf file")
+    path = resolve_model_path(path_str)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise DAQError(f"{path} is not a model: pass a Hugging Face model directory or a .gguf file")
-        return open_gguf(path)
-    if not (path / "config.json").is_file():
-        raise DAQError(f"{path} is not a model directory (no config.json); pass a Hugging Face model directory or a .gguf file")
+        return InMemorySource(path, *load_gguf(path))
     config = _load_config(path)
     qcfg = getattr(config, "quantization_config", None)
     if qcfg:

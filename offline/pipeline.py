@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from daq_vllm import __version__
-from daq_vllm.codebooks import Codebook, get_codebook
+from daq_vllm.format.codebooks import Codebook, get_codebook
 from daq_vllm.errors import DAQError
 from daq_vllm.format import OFFSETS, QWEIGHT, SCALES, SUPPORTED_GROUP_SIZES, DAQFormat
 from daq_vllm.kernels import dequantize, pack_codes
@@ -267,7 +267,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
         )
         report = {
             "format": fmt.to_dict(),
-            "bits_per_weight": fmt.bits_per_weight(),
+            "bits_per_weight": fmt.bits_per_weight,
             "quantized_linears": len(quantized),
             "seconds": round(time.time() - t0, 2),
             "layers": layer_reports,

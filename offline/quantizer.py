@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from daq_vllm.codebooks import Codebook
+from daq_vllm.format.codebooks import Codebook
 
 InitMethod = Literal["rtn", "absmax", "dca"]
 DCACenter = Literal["quantile", "kde", "hist", "zero"]

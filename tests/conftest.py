@@ -35,7 +35,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from daq_vllm.errors import DAQError
-    from daq_vllm.models import smollm2_gguf as find
+    from daq_vllm.demo.smollm2 import smollm2_gguf as find
 
     try:
         return find()
@@ -45,7 +45,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def wikitext2_raw() -> Path:
-    from daq_vllm.data import WIKITEXT2_TEST, find_data_file
+    from daq_vllm.data.wikitext import WIKITEXT2_TEST, find_data_file
     from daq_vllm.errors import DAQError
 
     try:

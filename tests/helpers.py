@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WORDS = [f"w{i}" for i in range(250)]
@@ -66,12 +67,11 @@ def transformers_greedy(checkpoint: Path, prompts: list, max_new_tokens: int) ->
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import daq_vllm  # noqa: F401
+    import daq_vllm.integrations.transformers
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    for module in model.modules():
-        if hasattr(module, "cache_dequantized"):
-            module.cache_dequantized()  # same outputs (tests/test_pipeline.py), dequantized once instead of per token
+    # Same outputs as the default kernel (tests/offline/test_pipeline.py), dequantized once instead of per token.
+    daq_vllm.integrations.transformers.select_kernels(model, "dense")
     tok = AutoTokenizer.from_pretrained(checkpoint)
     outs = []
     for p in prompts:
@@ -104,3 +104,30 @@ def edit_quant_config(directory: Path, **fields) -> None:
     cfg = json.loads((directory / "config.json").read_text())
     cfg["quantization_config"].update(fields)
     (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, file in index["weight_map"].items():
+        from safetensors import safe_open
+
+        with safe_open(str(directory / file), "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def decode_from_spec(qweight: np.ndarray, scales, offsets, codebook, bits, group_size, k) -> np.ndarray:
+    """A decoder written from docs/FORMAT.md alone (numpy, bit by bit; no daq_vllm code)."""
+    words = qweight.astype(np.int64) & 0xFFFFFFFF
+    n = words.shape[0]
+    out = np.empty((n, k), dtype=np.float32)
+    for row in range(n):
+        for col in range(k):
+            code = 0
+            for b in range(bits):
+                pos = col * bits + b
+                code |= ((int(words[row, pos // 32]) >> (pos % 32)) & 1) << b
+            g = col // group_size
+            out[row, col] = np.float32(scales[row, g]) * np.float32(codebook[code]) + np.float32(offsets[row, g])
+    return out

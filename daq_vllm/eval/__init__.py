@@ -1,0 +1,1 @@
+"""Evaluation: load a model or checkpoint, the WikiText-2 text, perplexity."""

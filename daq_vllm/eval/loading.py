@@ -1,0 +1,44 @@
+"""`daq_vllm.load`: one call that opens a DAQ checkpoint, a full-precision directory or a .gguf file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import DAQError
+from ..integrations.transformers import select_kernels
+from ..model_files import load_gguf, resolve_model_path
+
+# Evaluation runs many long windows: decode each weight once (full-precision memory) instead of per call.
+EVAL_KERNEL = "dense"
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu", kernel: str | None = None):
+    """Return `(model, tokenizer)` for a model directory (DAQ or not) or a .gguf file, in eval mode.
+
+    DAQ checkpoints load through transformers' quantizer registry (registered on `import daq_vllm`):
+    their linears become `DAQLinear` modules holding the packed tensors. Their kernel is chosen for
+    `device` once the model is there; `kernel` names a preferred one (e.g. `dense` for evaluation:
+    dequantized once, at full-precision memory). `dtype` defaults to the checkpoint's own (float32
+    for GGUF files).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve_model_path(path)
+    if p.is_file():
+        model, tokenizer = load_gguf(p, dtype or torch.float32)
+    else:
+        try:
+            json.loads((p / "config.json").read_text())  # a clear error for a corrupt config
+            tokenizer = AutoTokenizer.from_pretrained(p)
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype or "auto")
+        except DAQError:
+            raise
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DAQError(f"cannot load {p}: {first}") from None
+    model = model.to(device).eval()
+    select_kernels(model, kernel)
+    return model, tokenizer

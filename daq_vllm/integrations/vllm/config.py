@@ -1,0 +1,88 @@
+"""vLLM's view of a DAQ checkpoint: `DAQConfig` (the `quantization_config`, fused-layer skips).
+
+Imports vllm; loaded only by `daq_vllm.integrations.vllm.register()`. The class lives at module
+level because vLLM pickles the quantization config into its engine and worker processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from ...errors import DAQError
+from ...format import QUANT_METHOD, DAQFormat
+from ...format.check import check_checkpoint
+
+
+class DAQConfig(QuantizationConfig):
+    """A DAQ checkpoint's `quantization_config` (validated by DAQFormat, naming a bad field)."""
+
+    def __init__(self, fmt: DAQFormat):
+        super().__init__()
+        self.fmt = fmt
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # Triton kernels; the CPU platform skips this check
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "DAQConfig":
+        """Runs in the process that starts the engine: a bad field fails there, named."""
+        return cls(DAQFormat.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+        """Pre-flight check of a local checkpoint's tensors against the config, before any engine starts.
+
+        vLLM calls this right after `from_config`, in the starting process, so a missing or
+        mis-shaped tensor fails at start-up with its name instead of deep inside a worker.
+        """
+        if Path(model_name).expanduser().is_dir():
+            check_checkpoint(model_name, for_vllm=True)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        """Rename `modules_not_converted` from the checkpoint's names to the vLLM model's."""
+        self.fmt.modules_not_converted = hf_to_vllm_mapper.apply_list(self.fmt.modules_not_converted)
+
+    def is_skipped(self, prefix: str) -> bool:
+        """Whether the vLLM linear `prefix` stays in full precision.
+
+        vLLM fuses checkpoint linears (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj);
+        a fused linear is skipped when its own name or all of its parts are listed, and a fused
+        linear with only some parts listed cannot be loaded at all.
+        """
+        head, _, proj = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(proj)
+        if not parts or not self.fmt.is_converted(prefix):
+            return not self.fmt.is_converted(prefix)
+        names = [f"{head}.{p}" if head else p for p in parts]
+        skipped = [n for n in names if not self.fmt.is_converted(n)]
+        if skipped and len(skipped) != len(names):
+            raise DAQError(
+                f"quantization_config.modules_not_converted lists {', '.join(skipped)} but not the other parts of "
+                f"{prefix} ({', '.join(n for n in names if n not in skipped)}), which vLLM fuses into one layer; "
+                "re-quantize with --skip covering all or none of them"
+            )
+        return bool(skipped)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            if self.is_skipped(prefix):
+                return UnquantizedLinearMethod()
+            from .linear import DAQLinearMethod
+
+            return DAQLinearMethod(self, prefix)
+        return None

@@ -1,0 +1,27 @@
+"""`torch.ops.daq.linear`: the Triton kernels as one opaque torch custom op.
+
+vLLM compiles models with torch.compile and captures CUDA graphs, and transformers users may
+compile too; a Triton launch with Python-side tuning inside a traced region would be traced into
+or break the graph. As a custom op (`torch.library.custom_op`, as GemLite registers its own) the
+kernel is one node whose fake implementation gives torch.compile the output's shape and dtype.
+The op belongs to the kernel layer, so every integration gets it. Imports triton when first run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("daq::linear", mutates_args=())
+def daq_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                  codebook: torch.Tensor, bits: int, group_size: int, e2m1: bool,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W_hat^T (+ bias)` through the Triton kernels (`triton_gemm.daq_linear_triton`)."""
+    from .triton_gemm import daq_linear_triton
+
+    return daq_linear_triton(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias)
+
+
+@daq_linear_op.register_fake
+def _(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
