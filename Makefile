@@ -21,4 +21,4 @@ demo: $(STAMP)
 	@. $(VENV)/bin/activate && python -m daq_vllm.demo
 
 test: $(STAMP)
-	@. $(VENV)/bin/activate && DAQ_REQUIRE_ALL=1 $(TEST_COMMAND)
+	@. $(VENV)/bin/activate && export DAQ_REQUIRE_ALL=1 && $(TEST_COMMAND)

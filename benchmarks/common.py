@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-from daq_vllm.data import WIKITEXT2_TEST, find_data_file, wikitext2_eval_text
-from daq_vllm.models import export_float_checkpoint, smollm2_gguf
-from daq_vllm.perplexity import tokenize_text
+from daq_vllm.demo.smollm2 import export_float_checkpoint, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -20,10 +18,6 @@ CACHE = ROOT / ".cache"
 def smollm2_float_dir() -> Path:
     """SmolLM2-135M as a float32 HF directory, exported once from the packaged GGUF."""
     return export_float_checkpoint(smollm2_gguf(), CACHE / "smollm2-135m-fp32")
-
-
-def wikitext2_tokens(tokenizer) -> torch.Tensor:
-    return tokenize_text(tokenizer, wikitext2_eval_text(find_data_file(WIKITEXT2_TEST)))
 
 
 def machine() -> str:

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, write_results  # noqa: E402
 
-from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.format import num_groups  # noqa: E402
+from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
 from daq_vllm.kernels import dequantize, pack_codes  # noqa: E402
 
 SHAPES = {  # (N, K) of each linear (qkv and gate_up fused, as vLLM runs them)
@@ -41,7 +42,7 @@ GROUP = 128
 def random_daq(n: int, k: int, fmt: str, device: str):
     cb = get_codebook(fmt)
     codes = torch.randint(0, 2**cb.bits, (n, k), device=device)
-    groups = -(-k // GROUP)
+    groups = num_groups(k, GROUP)
     scales = (torch.rand(n, groups, device=device) * 0.01 + 1e-3).half()
     offsets = (torch.randn(n, groups, device=device) * 1e-3).half()
     return pack_codes(codes, cb.bits), scales, offsets, cb
@@ -99,6 +100,7 @@ def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
         for name, (n, k) in layers.items():
             q, s, b, cb = random_daq(n, k, fmt, device)
             cbt = cb.tensor(device)
+            e2m1 = decode_kind(cb.values) == "e2m1"
             w16 = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
             anchor, why = int4_anchor(n, k, device)
             weight_bytes = q.numel() * 4 + s.numel() * 2 + b.numel() * 2
@@ -107,13 +109,13 @@ def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
                 xb = x.bfloat16()
 
                 def ours():
-                    return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP)
+                    return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP, e2m1)
 
                 t_daq = graph_ms(ours)
                 t_eager = do_bench(ours, return_mode="median")
                 t_fp16 = graph_ms(lambda: torch.nn.functional.linear(x, w16))
                 t_int4 = graph_ms(lambda: anchor(xb)) if anchor else None
-                cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, None)
+                cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None)
                 moved = weight_bytes + 2 * m * (k + n)
                 rows.append({
                     "model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
@@ -122,7 +124,8 @@ def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
                     "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
                     "daq_gbs": moved / (t_daq * 1e-3) / 1e9,
                 })
-                print(f"{fmt} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), fp16 {t_fp16 * 1e3:.1f} us, "
+                print(f"{fmt} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
+                      f"fp16 {t_fp16 * 1e3:.1f} us, "
                       f"int4 {t_int4 * 1e3 if t_int4 else float('nan'):.1f} us, x{t_fp16 / t_daq:.2f}", flush=True)
             result["tuned"] = triton_gemm.tuned_configs()
             save(result)
@@ -147,7 +150,7 @@ def check_gpu() -> dict:
     for fmt, g, dtype in cases:
         cb = get_codebook(fmt)
         codes = torch.randint(0, 2**cb.bits, (n, k), device="cuda")
-        groups = -(-k // g)
+        groups = num_groups(k, g)
         s = (torch.rand(n, groups, device="cuda") * 0.05 + 0.01).half()
         b = (torch.randn(n, groups, device="cuda") * 0.02).half()
         q = pack_codes(codes, cb.bits)
@@ -157,7 +160,8 @@ def check_gpu() -> dict:
             x = torch.randn(m, k, device="cuda").to(dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             try:
-                y = tg._PATHS[cfg.path](x, q, s, b, cb.tensor("cuda"), cb.bits, g, bias, cfg)
+                y = tg._PATHS[cfg.path](x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
+                                        bias, cfg)
                 ref = x.float() @ w.T + bias.float()
                 err = float("inf") if torch.isnan(y).any() else ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 note = ""
@@ -174,24 +178,24 @@ def check_gpu() -> dict:
 
 
 def smoke(fmt: str) -> dict:
-    """Tiny shape under the interpreter: correctness of each path, and that the script runs."""
-    from daq_vllm.kernels.triton_gemm import DEQUANT_MIN_M, daq_linear_triton, default_config
+    """Tiny shape under the interpreter: correctness of each path (with its GPU default config)."""
+    from daq_vllm.kernels.triton_gemm import _PATHS, DEQUANT_MIN_M, default_config
 
     n, k = 64, 160
     q, s, b, cb = random_daq(n, k, fmt, "cpu")
     w = dequantize(q, s, b, cb.tensor(), cb.bits, GROUP, k).half().float()
     rows = []
     for m in (1, 16, DEQUANT_MIN_M + 6):  # gemv, gemm, dequantize + matmul
-        path = default_config(m, n, k, cuda=False).path
+        cfg = default_config(m, n, k, cuda=True)
         x = torch.randn(m, k).half()
         t0 = time.perf_counter()
-        y = daq_linear_triton(x, q, s, b, cb.tensor(), cb.bits, GROUP)
+        y = _PATHS[cfg.path](x, q, s, b, cb.tensor(), cb.bits, GROUP, decode_kind(cb.values) == "e2m1", None, cfg)
         seconds = time.perf_counter() - t0
         err = ((y.float() - x.float() @ w.T).abs().max() / (x.float() @ w.T).abs().max()).item()
         if not err < 1e-2:
             raise SystemExit(f"smoke: M={m} relative error {err:.3g} is too large")
-        rows.append({"N": n, "K": k, "M": m, "path": path, "interpreter_s": seconds, "max_rel_err": err})
-        print(f"smoke M={m} ({path}): rel err {err:.2e}, {seconds:.2f} s in the interpreter", flush=True)
+        rows.append({"N": n, "K": k, "M": m, "path": cfg.path, "interpreter_s": seconds, "max_rel_err": err})
+        print(f"smoke M={m} ({cfg.path}): rel err {err:.2e}, {seconds:.2f} s in the interpreter", flush=True)
     return {"device": "cpu (TRITON_INTERPRET=1)", "format": fmt, "rows": rows}
 
 
@@ -201,7 +205,8 @@ def markdown(result: dict, smoke_run: bool) -> str:
         lines += ["Not measured on GPU: this file comes from the CPU smoke run (Triton interpreter), which",
                   "checks correctness only. Run `python benchmarks/kernel_bench.py` on a CUDA machine for timings.", "",
                   "| N | K | M | path | max rel err | interpreter s |", "| ---: | ---: | ---: | --- | ---: | ---: |"]
-        lines += [f"| {r['N']} | {r['K']} | {r['M']} | {r['path']} | {r['max_rel_err']:.1e} | {r['interpreter_s']:.2f} |"
+        lines += [f"| {r['N']} | {r['K']} | {r['M']} | {r['path']} | "
+                  f"{r['max_rel_err']:.1e} | {r['interpreter_s']:.2f} |"
                   for r in result["rows"]]
         return "\n".join(lines) + "\n"
     lines += [f"Format {result['format']}, g{GROUP}, fp16 activations (int4 anchor: bf16, its required dtype); "
@@ -213,8 +218,9 @@ def markdown(result: dict, smoke_run: bool) -> str:
     for r in result["rows"]:
         int4 = f"{r['int4_ms'] * 1e3:.1f}" if r["int4_ms"] else "n/a"
         vs4 = f"{r['speedup_vs_int4']:.2f}" if r["speedup_vs_int4"] else "n/a"
-        lines.append(f"| {r['model']} | {r['linear']} | {r['M']} | {r['daq_ms'] * 1e3:.1f} | {r['daq_eager_ms'] * 1e3:.1f} | "
-                     f"{r['fp16_ms'] * 1e3:.1f} | {int4} | {r['speedup_vs_fp16']:.2f} | {vs4} | {r['daq_gbs']:.0f} | {r['config']} |")
+        lines.append(f"| {r['model']} | {r['linear']} | {r['M']} | {r['daq_ms'] * 1e3:.1f} | "
+                     f"{r['daq_eager_ms'] * 1e3:.1f} | {r['fp16_ms'] * 1e3:.1f} | {int4} | "
+                     f"{r['speedup_vs_fp16']:.2f} | {vs4} | {r['daq_gbs']:.0f} | {r['config']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,12 +241,14 @@ def markdown_gpu(result: dict) -> str:
     check = result.get("check")
     if check:
         lines += ["## GPU correctness", "",
-                  f"{check['cases'] - len(check['failed'])}/{check['cases']} cases (5 formats x g32/64/128 in fp16, 3 formats "
+                  f"{check['cases'] - len(check['failed'])}/{check['cases']} cases "
+                  "(5 formats x g32/64/128 in fp16, 3 formats "
                   "at g64 in bf16, x 6 paths; N = K = 1000, outputs poisoned with NaN) within tolerance of the torch "
                   f"reference (worst error / tolerance {check['worst_err_over_tol']:.2f}).", ""]
         lines += [f"- FAIL {r}" for r in check["failed"]] + ([""] if check["failed"] else [])
     for fmt, bench in result["formats"].items():
-        lines += [f"## {fmt}", "", "Goals: M=1 >= 3.0x fp16, M=16 >= 2.5x, M >= 256 >= 0.9x, M <= 16 at least the int4 kernel.", ""]
+        lines += [f"## {fmt}", "",
+                  "Goals: M=1 >= 3.0x fp16, M=16 >= 2.5x, M >= 256 >= 0.9x, M <= 16 at least the int4 kernel.", ""]
         lines += summary(bench["rows"]) + [""]
         lines += markdown(bench, False).splitlines()[2:] + [""]
     return "\n".join(lines) + "\n"
@@ -253,12 +261,16 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=MS, help="batch sizes M")
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--check", action="store_true", help="GPU: also check every path against the reference first")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go")
+    ap.add_argument("--results", type=Path, default=None,
+                    help=f"where the results files go (default: {RESULTS.relative_to(RESULTS.parent.parent)} "
+                         "for GPU runs; a smoke run writes files only when given this)")
     args = ap.parse_args()
     if args.smoke:
         result = smoke(args.formats[0])
-        write_results("kernels-smoke", result, markdown(result, True), args.results)
+        if args.results is not None:
+            write_results("kernels-smoke", result, markdown(result, True), args.results)
         return
+    args.results = args.results or RESULTS
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench.py needs a CUDA GPU; use --smoke on CPU")
     result = {"device": torch.cuda.get_device_name(), "formats": {}}

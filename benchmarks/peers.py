@@ -38,12 +38,12 @@ from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
-from common import smollm2_float_dir, wikitext2_tokens  # noqa: E402
+from common import smollm2_float_dir  # noqa: E402
 from quality import previous_rows, results_name, save_row  # noqa: E402
 
 from daq_vllm import load  # noqa: E402
+from daq_vllm.eval.perplexity import wikitext2_perplexity  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec, calibration_blocks  # noqa: E402
-from daq_vllm.perplexity import perplexity  # noqa: E402
 
 SETUP = "see the set-up commands in benchmarks/peers.py's docstring"
 GROUP_SIZE = 64
@@ -151,7 +151,8 @@ def bits_per_weight(tool: str, bits: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=32, help="evaluation windows; quality.py's results must hold the same")
+    ap.add_argument("--windows", type=int, default=32,
+                    help="evaluation windows; quality.py's results must hold the same")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=DEFAULT_ROWS)
     ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
     args = ap.parse_args()
@@ -160,8 +161,6 @@ def main() -> None:
 
     fp_dir = smollm2_float_dir()
     _, tokenizer = load(fp_dir)
-    tokens = wikitext2_tokens(tokenizer)
-    total = tokens.numel() // 2048
     results = previous_rows(args.windows)
     if not any(r["row"] == "fp32" for r in results):
         sys.exit(f"{results_name(args.windows)}.json holds no fp32 row over {args.windows} windows: "
@@ -181,12 +180,14 @@ def main() -> None:
         seconds = time.time() - t0
         model = quantized_model(fp_dir, dequantized, source, bits)
         del source, dequantized
-        ppl = perplexity(model, tokens, 2048, args.windows, progress=False).perplexity
+        result = wikitext2_perplexity(model, tokenizer, 2048, args.windows, progress=False)
+        ppl = result.perplexity
         results = save_row({
             "row": row, "method": tool, "format": fmt, "bits": bits, "group_size": GROUP_SIZE,
             "bits_per_weight": bits_per_weight(tool, bits), "ppl": ppl, "quantize_seconds": round(seconds, 2),
-            "tool": versions("hqq") if tool == "hqq" else versions("llmcompressor", "compressed-tensors", "transformers"),
-        }, args.windows, total)
+            "tool": (versions("hqq") if tool == "hqq"
+                     else versions("llmcompressor", "compressed-tensors", "transformers")),
+        }, args.windows, result.total_windows)
         print(f"{row} g{GROUP_SIZE}: {ppl:.3f} ({seconds:.1f} s)", flush=True)
 
 

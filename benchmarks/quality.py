@@ -1,9 +1,10 @@
 """Quality of the quantizers on SmolLM2-135M: WikiText-2 test perplexity.
 
-Rows are METHOD-FORMAT: METHOD is rtn, absmax or dca (no calibration) or daq (DCA + LDRA with the
-default calibration: 128 blocks of 512 tokens of WikiText-2 valid), or daqseq (the same with
-`--sequential` inputs: each layer calibrated on the quantized layers' outputs). A `+gptq` suffix
-(daq+gptq, daqseq+gptq) adds error-compensated rounding onto the tuned grids (`--rounding gptq`).
+Rows are METHOD-FORMAT: METHOD is a recipe of daq_vllm.offline.options.RECIPES: rtn, absmax or dca
+(no calibration) or daq (DCA + LDRA with the default calibration: 128 blocks of 512 tokens of
+WikiText-2 valid); a `seq` suffix (daqseq) calibrates with `--sequential` inputs (each layer on the
+quantized layers' outputs). Rows round to the nearest code unless a `+gptq` suffix (daq+gptq,
+daqseq+gptq) asks for error-compensated rounding onto the tuned grids (`--rounding gptq`).
 
 Each row runs the real pipeline (quantize -> write checkpoint -> load through transformers ->
 evaluate). Writes benchmarks/results/quality.md and .json after every row, so a long run that
@@ -21,16 +22,16 @@ import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, machine, smollm2_float_dir, wikitext2_tokens, write_results  # noqa: E402
+from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # noqa: E402
 
 from daq_vllm import load  # noqa: E402
-from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.eval.loading import EVAL_KERNEL  # noqa: E402
+from daq_vllm.eval.perplexity import PerplexityResult, wikitext2_perplexity  # noqa: E402
+from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec  # noqa: E402
-from daq_vllm.offline.compensated import CompensationSpec  # noqa: E402
-from daq_vllm.offline.ldra import LDRASpec  # noqa: E402
-from daq_vllm.offline.pipeline import REPORT_FILE, QuantizeOptions, quantize_model  # noqa: E402
-from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
-from daq_vllm.perplexity import perplexity  # noqa: E402
+from daq_vllm.offline.options import RECIPES, ROUNDINGS, QuantizeOptions, recipe_options  # noqa: E402
+from daq_vllm.offline.pipeline import quantize_model  # noqa: E402
+from daq_vllm.offline.report import REPORT_FILE  # noqa: E402
 
 PEER_NOTE = (
     "gptq/awq/hqq rows are the peers (benchmarks/peers.py, tool versions in quality.json): same fp32 model, "
@@ -42,12 +43,26 @@ DEFAULT_ROWS = [
 ]
 
 
-def evaluate(model_dir, tokens, windows: int) -> float:
-    model, _ = load(model_dir)
-    return perplexity(model, tokens, 2048, windows, progress=False).perplexity
+def evaluate(model_dir, windows: int) -> PerplexityResult:
+    model, tokenizer = load(model_dir, kernel=EVAL_KERNEL)
+    return wikitext2_perplexity(model, tokenizer, 2048, windows, progress=False)
 
 
 COMPARISON_WINDOWS = 32
+SEQUENTIAL_SUFFIX = "seq"  # daqseq: daq calibrated on the quantized layers' outputs
+
+
+def row_options(method: str, fmt: str, group_size: int, nsamples: int) -> QuantizeOptions:
+    """The options of a METHOD-FORMAT row: METHOD = RECIPE[seq][+ROUNDING], nearest rounding unless named."""
+    base, _, rounding = method.partition("+")
+    recipe = base.removesuffix(SEQUENTIAL_SUFFIX)
+    sequential = recipe != base
+    if recipe not in RECIPES or rounding not in ("", *ROUNDINGS) or (sequential and not RECIPES[recipe].calibrated):
+        raise SystemExit(f"row method {method!r}: use RECIPE[{SEQUENTIAL_SUFFIX}][+ROUNDING] with RECIPE one of "
+                         f"{', '.join(RECIPES)} ({SEQUENTIAL_SUFFIX} for calibrated ones) and ROUNDING one of "
+                         f"{', '.join(ROUNDINGS)}")
+    return recipe_options(recipe, rounding or "nearest", format=fmt, group_size=group_size,
+                          calib=CalibSpec(nsamples=nsamples), sequential=sequential, overwrite=True, progress=False)
 
 
 def results_name(windows: int) -> str:
@@ -144,7 +159,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=COMPARISON_WINDOWS,
                     help="evaluation windows (148 = all; results other than 32 go to quality-wN.md|json)")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="METHOD-FORMAT names")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                    help=f"METHOD-FORMAT names; METHOD = RECIPE[{SEQUENTIAL_SUFFIX}][+ROUNDING], RECIPE one of "
+                         f"{', '.join(RECIPES)}, ROUNDING one of {', '.join(ROUNDINGS)} (default: nearest)")
     ap.add_argument("--nsamples", type=int, default=CalibSpec.nsamples,
                     help="calibration blocks of 512 tokens for daq rows; rows other than the default are named ROW/nN")
     ap.add_argument("--reuse", action="store_true",
@@ -152,14 +169,15 @@ def main() -> None:
                          "instead of quantizing again; its quantize time comes from its report")
     ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
     args = ap.parse_args()
+    for name in args.rows:  # refuse a bad row name before the (slow) fp32 evaluation
+        method, _, fmt = name.partition("-")
+        row_options(method, fmt, group_size=64, nsamples=args.nsamples)
 
     fp_dir = smollm2_float_dir()
-    _, tokenizer = load(fp_dir)
-    tokens = wikitext2_tokens(tokenizer)
-    total = tokens.numel() // 2048
     results = previous_rows(args.windows)
     if not any(r["row"] == "fp32" for r in results):
-        results = save_row({"row": "fp32", "ppl": evaluate(fp_dir, tokens, args.windows)}, args.windows, total)
+        fp32 = evaluate(fp_dir, args.windows)
+        results = save_row({"row": "fp32", "ppl": fp32.perplexity}, args.windows, fp32.total_windows)
     print(f"fp32: {next(r['ppl'] for r in results if r['row'] == 'fp32'):.3f}", flush=True)
     for g in args.group_sizes:
         for name in args.rows:
@@ -167,14 +185,9 @@ def main() -> None:
             if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
                 continue
             method, fmt = name.split("-", 1)
-            base, _, rounding = method.partition("+")
             out = CACHE / f"quality-{row.replace('/', '-')}-g{g}"
-            calibrated = base in ("daq", "daqseq")
-            opts = QuantizeOptions(
-                format=fmt, group_size=g, init=InitSpec(method="dca" if calibrated else base),
-                ldra=LDRASpec() if calibrated else None, calib=CalibSpec(nsamples=args.nsamples), sequential=base == "daqseq",
-                compensation=CompensationSpec() if rounding == "gptq" else None, overwrite=True, progress=False,
-            )
+            opts = row_options(method, fmt, g, args.nsamples)
+            calibrated = opts.ldra is not None
             if args.reuse and (out / REPORT_FILE).is_file():
                 report = json.loads((out / REPORT_FILE).read_text())
                 seconds = report["seconds"]
@@ -182,12 +195,13 @@ def main() -> None:
                 t0 = time.time()
                 report = quantize_model(str(fp_dir), out, opts)
                 seconds = time.time() - t0
-            ppl = evaluate(out, tokens, args.windows)
+            result = evaluate(out, args.windows)
+            ppl = result.perplexity
             results = save_row({
                 "row": row, "method": method, "format": fmt, "bits": get_codebook(fmt).bits, "group_size": g,
                 **({"nsamples": args.nsamples} if calibrated else {}),
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
-            }, args.windows, total)
+            }, args.windows, result.total_windows)
             print(f"{row} g{g}: {ppl:.3f} ({seconds:.1f} s)", flush=True)
 
 

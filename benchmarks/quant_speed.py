@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # noqa: E402
 
-from daq_vllm.codebooks import get_codebook  # noqa: E402
+from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.offline.compensated import CompensationSpec, compensate  # noqa: E402
-from daq_vllm.offline.layerwise import SecondMoments  # noqa: E402
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra  # noqa: E402
-from daq_vllm.offline.quantizer import InitSpec  # noqa: E402
+from daq_vllm.offline.moments import SecondMoments  # noqa: E402
+from daq_vllm.offline.ranges import InitSpec  # noqa: E402
 
 LAYER_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -56,7 +56,8 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     heads = hidden // 128
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=heads)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                      num_key_value_heads=heads)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(device).float()
@@ -91,7 +92,8 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
     for solver in solvers:
         # The sign search is timed over 2 iterations and reported per iteration (its full schedule
         # runs up to 10 x 100 of them).
-        spec = LDRASpec(solver=solver, epochs=1, iters=2, patience=10, shrink_grid=()) if solver == "sign" else LDRASpec(solver=solver)
+        spec = (LDRASpec(solver=solver, epochs=1, iters=2, patience=10, shrink_grid=()) if solver == "sign"
+                else LDRASpec(solver=solver))
         sync()
         t0 = time.time()
         for name in LAYER_LINEARS:
@@ -131,7 +133,8 @@ def markdown(payload: dict) -> str:
     for rounding, e in est.items():
         lines.append(f"- `--rounding {rounding}`: {e['per_layer_s']:.0f} s per layer, {e['total_min']:.1f} min in all.")
     if "gptq" not in est:
-        lines.append("- `--rounding gptq`: not measured on this layer yet (these rows predate it; run without --skip-layer).")
+        lines.append("- `--rounding gptq`: not measured on this layer yet "
+                     "(these rows predate it; run without --skip-layer).")
     lines.append("")
     return "\n".join(lines)
 
@@ -142,7 +145,8 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true", help="only the 7B-layer measurement")
     ap.add_argument("--skip-layer", action="store_true",
                     help="only the SmolLM2 measurement; the 7B-layer rows are kept from the previous results file")
-    ap.add_argument("--layer-tokens", type=int, default=4096, help="calibration tokens for the 7B layer (CPU: keep small)")
+    ap.add_argument("--layer-tokens", type=int, default=4096,
+                    help="calibration tokens for the 7B layer (CPU: keep small)")
     ap.add_argument("--hidden", type=int, default=4096, help="layer shape (default: Llama-2-7B)")
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--format", default="fp4_e2m1")

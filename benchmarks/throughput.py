@@ -182,8 +182,10 @@ def markdown(payload: dict) -> str:
              "| model | size MiB | output tok/s | total tok/s | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in payload["models"].items():
         o = r["offline"]
-        lines.append(f"| {name} | {r['size_mib']:.0f} | {o['output_tok_s']:.1f} | {o['total_tok_s']:.1f} | {o['seconds']:.1f} |")
-    lines += ["", f"## Online: OpenAI server, {a['requests']} streamed completions at concurrency {a['concurrency']}", "",
+        lines.append(f"| {name} | {r['size_mib']:.0f} | {o['output_tok_s']:.1f} | {o['total_tok_s']:.1f} | "
+                     f"{o['seconds']:.1f} |")
+    lines += ["", f"## Online: OpenAI server, {a['requests']} streamed completions "
+                  f"at concurrency {a['concurrency']}", "",
               "| model | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in payload["models"].items():
@@ -224,7 +226,8 @@ def main() -> None:
         row["offline"] = offline(model_dir, random_prompts(args.prompts, args.input_len, vocab, 0), args)
         print(f"  offline: {row['offline']['output_tok_s']:.1f} output tok/s", flush=True)
         row["online"] = online(model_dir, random_prompts(args.requests, args.input_len, vocab, 1), args)
-        print(f"  online: {row['online']['requests_s']:.2f} req/s, {row['online']['output_tok_s']:.1f} output tok/s", flush=True)
+        print(f"  online: {row['online']['requests_s']:.2f} req/s, "
+              f"{row['online']['output_tok_s']:.1f} output tok/s", flush=True)
         payload["models"][name] = row
     write_results(f"throughput-{args.device}", payload, markdown(payload), args.results)
     print(markdown(payload))

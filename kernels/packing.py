@@ -53,7 +53,6 @@ def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         )
     n = qweight.shape[0]
     if _WORD_BITS % bits == 0:  # codes never straddle words: one shift per slot, no gather
-        per_word = _WORD_BITS // bits
         shifts = torch.arange(0, _WORD_BITS, bits, device=qweight.device, dtype=torch.int32)
         slots = (qweight[:, :, None] >> shifts) & ((1 << bits) - 1)  # arithmetic shift, then mask
         return slots.reshape(n, -1)[:, :k].to(torch.int64)

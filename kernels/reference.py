@@ -17,6 +17,18 @@ def expand_groups(per_group: torch.Tensor, group_size: int, k: int) -> torch.Ten
     return per_group.repeat_interleave(group_size, dim=1)[:, :k]
 
 
+def decode_values(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, codebook: torch.Tensor
+) -> torch.Tensor:
+    """`codebook[codes] * scales + offsets` in float32: the decoding formula, written once.
+
+    `scales` and `offsets` hold one value per code or broadcast against `codes` (per-group columns
+    [R, 1] against codes [R, L]); the quantizer rounds with this same arithmetic, so what it
+    measures is what a loader decodes, bit for bit.
+    """
+    return codebook.float()[codes] * scales.float() + offsets.float()
+
+
 def dequantize(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -28,10 +40,9 @@ def dequantize(
 ) -> torch.Tensor:
     """Decode packed codes to a float32 weight [N, in_features]."""
     codes = unpack_codes(qweight, bits, in_features)
-    values = codebook.to(device=qweight.device, dtype=torch.float32)[codes]
     s = expand_groups(scales.float(), group_size, in_features)
     b = expand_groups(offsets.float(), group_size, in_features)
-    return values * s + b
+    return decode_values(codes, s, b, codebook.to(device=qweight.device, dtype=torch.float32))
 
 
 def daq_linear_reference(

@@ -364,13 +364,17 @@ def m_bucket(m: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, cuda: bool) -> KernelConfig:
-    """Untuned choice: used under the interpreter, during CUDA-graph capture and before tuning."""
+    """Untuned choice: used under the interpreter, during CUDA-graph capture and before tuning.
+
+    Under the interpreter (`cuda` False) small M takes a `tl.dot` tile too: gemv's unrolled 32-code
+    steps cost seconds per call there, a 16 x 64 tile a tenth of a second.
+    """
+    if not cuda:
+        return KernelConfig("dequant") if m >= DEQUANT_MIN_M else KernelConfig("gemm", block_m=16, block_n=64)
     if m <= GEMV_MAX_M:
-        return KernelConfig("gemv", block_n=32 if cuda else 16, chunks_per_iter=4 if cuda else 2, split_k=2 if cuda else 1)
+        return KernelConfig("gemv", block_n=32, chunks_per_iter=4, split_k=2)
     if m >= DEQUANT_MIN_M:
         return KernelConfig("dequant")
-    if not cuda:
-        return KernelConfig("gemm", block_m=16, block_n=32)
     if m <= 64:
         return KernelConfig("gemm", block_m=max(16, m_bucket(m)), block_n=64, split_k=2 if m <= 16 else 1)
     return KernelConfig("gemm", block_m=128 if m >= 256 else 64, block_n=128, num_warps=8, num_stages=3)

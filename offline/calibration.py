@@ -1,9 +1,10 @@
 """Calibration data: text from a named source or a file, cut into fixed-length token blocks.
 
-Sources: `wikitext2-valid` (the tokenized WikiText-2 validation split under shared/data; it shares
-no article with the test split used for evaluation), `PATH.txt` (plain text) or `PATH.jsonl`
-(one JSON object per line with a "text" field). Blocks start at seeded random positions, as in
-the GPTQ/AWQ calibration loaders.
+Sources: `wikitext2-valid` (the tokenized WikiText-2 validation split shipped in the package, or
+`$DAQ_DATA_DIR`'s copy; it shares no article with the test split used for evaluation), `PATH.txt`
+(plain text), `PATH.jsonl` (one JSON object per line with a "text" field) or `hf:NAME[:CONFIG[:SPLIT]]`
+(a Hub dataset's "text" column, split "train" by default; needs the optional `datasets` library and
+network). Blocks start at seeded random positions, as in the GPTQ/AWQ calibration loaders.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from daq_vllm.data.wikitext import WIKITEXT2_VALID_TOKENS, find_data_file
+from daq_vllm.data.hub import HUB_FORMAT, hub_text, is_hub_source, parse_hub_source
+from daq_vllm.data.wikitext import wikitext2_valid_text
 from daq_vllm.errors import DAQError
 
 WIKITEXT2_VALID = "wikitext2-valid"
+LOCAL_CALIBRATION = f"the packaged --calib {WIKITEXT2_VALID} or a local --calib PATH.txt / PATH.jsonl"
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,13 @@ class CalibSpec:
 
 def calibration_text(source: str) -> str:
     if source == WIKITEXT2_VALID:
-        return find_data_file(WIKITEXT2_VALID_TOKENS).read_text(encoding="utf-8")
+        return wikitext2_valid_text()
+    if is_hub_source(source):
+        return hub_text(parse_hub_source(source, default_split="train"), LOCAL_CALIBRATION)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DAQError(f"calibration source {source!r} is neither {WIKITEXT2_VALID!r} nor an existing .txt/.jsonl file")
+        raise DAQError(f"calibration source {source!r} is neither {WIKITEXT2_VALID!r}, an existing .txt/.jsonl file "
+                       f"nor {HUB_FORMAT}")
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

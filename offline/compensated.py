@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from daq_vllm.format.codebooks import Codebook
+from daq_vllm.kernels.reference import decode_values, expand_groups
 
-from .quantizer import NearestCode, QuantizedWeight
+from .grid import NearestCode, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def compensated_codes(
             g = group_of[i1 + j]
             s, b = scales[:, g], offsets[:, g]
             c = nearest((w1[:, j] - b) / s)
-            e = (w1[:, j] - (values[c] * s + b)) / u1[j, j]
+            e = (w1[:, j] - decode_values(c, s, b, values)) / u1[j, j]
             w1[:, j + 1 :] -= e[:, None] * u1[j, j + 1 :][None]
             codes[:, i1 + j], err[:, j] = c, e
         w[:, i2:] -= err @ u[i1:i2, i2:]
@@ -88,12 +89,12 @@ def compensate(
 ) -> tuple[QuantizedWeight, tuple[float, float]]:
     """`qw` with compensated codes in the rows where they lower L_n; also (loss before, after)."""
     values = codebook.tensor(w.device)
-    scales = qw.scales.float().repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
-    offsets = qw.offsets.float().repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    scales = expand_groups(qw.scales.float(), group_size, w.shape[1])
+    offsets = expand_groups(qw.offsets.float(), group_size, w.shape[1])
     h = h.to(w.device)
-    before = row_losses(values[qw.codes] * scales + offsets, w, h)
+    before = row_losses(decode_values(qw.codes, scales, offsets, values), w, h)
     codes = compensated_codes(w, h, qw, codebook, group_size, spec)
-    after = row_losses(values[codes] * scales + offsets, w, h)
+    after = row_losses(decode_values(codes, scales, offsets, values), w, h)
     better = after < before
     kept = torch.where(better[:, None], codes, qw.codes)
     final = torch.where(better, after, before)

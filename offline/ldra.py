@@ -12,37 +12,27 @@ Two solvers, both never letting a group's loss increase:
   (multiplicative steps), with the reference code's fine/coarse step schedule;
 - `alt`: alternate between rounding codes for fixed (s, b) and the exact weighted least-squares
   (s, b) for fixed codes (a 2x2 solve per group), keeping a group's update only if it lowers L.
+They are the registry `SOLVERS`: a new solver is a function and a dict entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable
 
 import torch
 
 from daq_vllm.format.codebooks import Codebook
 
-from .quantizer import (
-    InitSpec,
-    NearestCode,
-    QuantizedGroups,
-    QuantizedWeight,
-    group_blocks,
-    init_range,
-    merge_blocks,
-    quantize_groups,
-)
-
-Solver = Literal["alt", "sign"]
-SOLVERS: tuple[str, ...] = ("alt", "sign")
+from .grid import NearestCode, QuantizedGroups, QuantizedWeight, dequantize_groups, group_blocks, quantize_groups
+from .ranges import InitSpec, init_range
 
 
 @dataclass(frozen=True)
 class LDRASpec:
-    """Search settings; the defaults of `sign` follow the reference code."""
+    """Search settings (`solver` is a key of SOLVERS); the defaults of `sign` follow the reference code."""
 
-    solver: Solver = "alt"
+    solver: str = "alt"
     epochs: int = 10
     iters: int = 100
     step: float = 1e-3  # e0: fine step e0/5 (x0.9 per use), coarse step e0*5 (x1.1 per use)
@@ -55,6 +45,8 @@ class LDRASpec:
 
 @dataclass
 class LDRAStats:
+    """Summed group loss L before and after tuning, and the most solver steps a block took."""
+
     initial_loss: float
     final_loss: float
     steps: int
@@ -80,14 +72,18 @@ class GroupProblem:
         return quantize_groups(self.w.reshape(-1, self.length), s.reshape(-1), z.reshape(-1), self.nearest)
 
     def w_hat(self, q: QuantizedGroups) -> torch.Tensor:
-        vals = self.values[q.codes] * q.scales.float()[:, None] + q.offsets.float()[:, None]
-        return vals.reshape(self.n, self.g, self.length)
+        """The decoded weights [N, G, L] of `q`."""
+        return dequantize_groups(q, self.values).reshape(self.n, self.g, self.length)
 
     def loss(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """L [N, G] of the grid that float (s, z) [N, G] are stored as."""
         return group_loss(self.w_hat(self.quantize(s, z)), self.w, self.h)
 
 
-def _sign_search(p: GroupProblem, s: torch.Tensor, z: torch.Tensor, spec: LDRASpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _sign_search(
+    p: GroupProblem, s: torch.Tensor, z: torch.Tensor, spec: LDRASpec
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The paper's search: finite differences on z (additive) then s (multiplicative), sign steps."""
     loss = p.loss(s, z)
     steps = 0
     for _ in range(spec.epochs):
@@ -142,7 +138,10 @@ def _weighted_fit(p: GroupProblem, codes_vals: torch.Tensor) -> tuple[torch.Tens
     return s.float(), b.float(), ok
 
 
-def _alternating(p: GroupProblem, s: torch.Tensor, z: torch.Tensor, spec: LDRASpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _alternating(
+    p: GroupProblem, s: torch.Tensor, z: torch.Tensor, spec: LDRASpec
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Codes for fixed (s, b), then the exact (s, b) for fixed codes; a group keeps only improvements."""
     q = p.quantize(s, z)
     loss = group_loss(p.w_hat(q), p.w, p.h)
     steps = 0
@@ -182,22 +181,22 @@ def best_initial_range(
     return s, z
 
 
+Solver = Callable[[GroupProblem, torch.Tensor, torch.Tensor, LDRASpec], tuple[torch.Tensor, torch.Tensor, int]]
+SOLVERS: dict[str, Solver] = {"alt": _alternating, "sign": _sign_search}
+
+
 def ldra(
     w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor, codebook: Codebook, spec: LDRASpec
 ) -> tuple[QuantizedGroups, LDRAStats]:
     """Refine initial (s, z) [N, G] for weights w [N, G, L] with statistics h [G, L, L]."""
+    if spec.solver not in SOLVERS:
+        raise ValueError(f"unknown LDRA solver {spec.solver!r}; choose one of {tuple(SOLVERS)}")
     p = GroupProblem(w.float(), h.float(), codebook)
     initial = p.loss(s, z).sum().item()
-    if spec.solver == "sign":
-        s, z, steps = _sign_search(p, s, z, spec)
-    elif spec.solver == "alt":
-        s, z, steps = _alternating(p, s, z, spec)
-    else:
-        raise ValueError(f"unknown LDRA solver {spec.solver!r}; choose one of {SOLVERS}")
+    s, z, steps = SOLVERS[spec.solver](p, s, z, spec)
     q = p.quantize(s, z)
     final = group_loss(p.w_hat(q), p.w, p.h).sum().item()
     return q, LDRAStats(initial, final, steps)
-
 
 
 def quantize_weight_ldra(
@@ -207,17 +206,12 @@ def quantize_weight_ldra(
     """Quantize W [N, K]: initial range from `init`, then LDRA against per-block moments [G, L, L]."""
     w = weight.float()
     n = w.shape[0]
-    results, initial, final, steps = [], 0.0, 0.0, 0
+    blocks, initial, final, steps = [], 0.0, 0.0, 0
     for rows, h in zip(group_blocks(w, group_size), moments):
-        g, length = h.shape[0], h.shape[1]
         h = h.to(w.device)
-        s, z = best_initial_range(GroupProblem(rows.reshape(n, g, length), h, codebook), rows, codebook, init, spec.shrink_grid)
-        q, stats = ldra(rows.reshape(n, g, length), h, s, z, codebook, spec)
-        results.append(q)
+        grouped = rows.reshape(n, h.shape[0], h.shape[1])
+        s, z = best_initial_range(GroupProblem(grouped, h, codebook), rows, codebook, init, spec.shrink_grid)
+        q, stats = ldra(grouped, h, s, z, codebook, spec)
+        blocks.append(q)
         initial, final, steps = initial + stats.initial_loss, final + stats.final_loss, max(steps, stats.steps)
-    qw = QuantizedWeight(
-        codes=merge_blocks([r.codes for r in results], n),
-        scales=merge_blocks([r.scales for r in results], n),
-        offsets=merge_blocks([r.offsets for r in results], n),
-    )
-    return qw, LDRAStats(initial, final, steps)
+    return QuantizedWeight.from_blocks(blocks, n), LDRAStats(initial, final, steps)

@@ -12,12 +12,16 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from daq_vllm.errors import DAQError
 from daq_vllm.model_files import load_gguf, resolve_model_path
+
+if TYPE_CHECKING:  # transformers is imported lazily, when a model is opened
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -35,7 +39,7 @@ class DecoderLayer:
 class ModelSource:
     """A model's config, module tree and tensors, read lazily where the storage allows it."""
 
-    def __init__(self, path: Path, config, skeleton: nn.Module):
+    def __init__(self, path: Path, config: PretrainedConfig, skeleton: nn.Module):
         self.path = path
         self.config = config
         self.skeleton = skeleton
@@ -51,7 +55,7 @@ class ModelSource:
         """Copy tokenizer and generation config into the output."""
         raise NotImplementedError
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's tokenizer (calibration text is tokenized with it)."""
         raise NotImplementedError
 
@@ -104,7 +108,7 @@ class ModelSource:
 class SafetensorsSource(ModelSource):
     """A Hugging Face directory with safetensors weights, read one tensor at a time."""
 
-    def __init__(self, path: Path, config, skeleton: nn.Module, files: list[Path]):
+    def __init__(self, path: Path, config: PretrainedConfig, skeleton: nn.Module, files: list[Path]):
         super().__init__(path, config, skeleton)
         from safetensors import safe_open
 
@@ -129,7 +133,7 @@ class SafetensorsSource(ModelSource):
     def tensor(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
         try:
@@ -146,7 +150,7 @@ class SafetensorsSource(ModelSource):
 class InMemorySource(ModelSource):
     """A model transformers materialised in memory (GGUF, or .bin weights)."""
 
-    def __init__(self, path: Path, model: nn.Module, tokenizer):
+    def __init__(self, path: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None):
         super().__init__(path, model.config, model)
         self._model = model
         self._tokenizer = tokenizer
@@ -164,7 +168,7 @@ class InMemorySource(ModelSource):
     def tensor(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
             raise DAQError(f"{self.path} has no tokenizer, which calibration needs")
         return self._tokenizer
@@ -176,21 +180,23 @@ class InMemorySource(ModelSource):
             self._model.generation_config.save_pretrained(out_dir)
 
 
-def _is_tied(param_name: str, config) -> bool:
+def _is_tied(param_name: str, config: PretrainedConfig) -> bool:
     return param_name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
 
 
-def _load_config(path: Path):
+def _load_config(path: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
-        raise DAQError(f"unsupported architecture (model_type {model_type!r}): transformers cannot read it ({e})") from None
+        raise DAQError(
+            f"unsupported architecture (model_type {model_type!r}): transformers cannot read it ({e})"
+        ) from None
 
 
-def _meta_skeleton(config) -> nn.Module:
+def _meta_skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with parameters on the meta device; buffers (rotary tables) stay real and small."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

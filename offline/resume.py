@@ -12,16 +12,36 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from daq_vllm import __version__
 from daq_vllm.errors import DAQError
+
+from .options import QuantizeOptions
+
+_VOLATILE_OPTIONS = ("overwrite", "resume", "progress", "max_shard_bytes")  # free to change between tries
+
+
+def run_fingerprint(model_path: str, opts: QuantizeOptions) -> dict[str, Any]:
+    """What a resumed run must share with the killed one: model files, options, tool version."""
+    keep = asdict(opts)
+    for volatile in _VOLATILE_OPTIONS:
+        keep.pop(volatile)
+    path = Path(model_path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"model": str(path), "files": stats, "options": keep, "version": __version__}
 
 
 class ResumeStore:
+    """Finished layers' tensors and report entries, keyed by layer index, for one run's fingerprint."""
+
     def __init__(self, out: Path, fingerprint: dict, resume: bool):
         self.directory = out.parent / f".{out.name}.resume"
         self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
@@ -46,7 +66,8 @@ class ResumeStore:
     def finished(self) -> int:
         return len(list(self.directory.glob("layer-*.safetensors")))
 
-    def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]] | None:
+        """The saved tensors and per-linear report entries of `layer`, or None if it is not finished."""
         path = self._file(layer)
         if not path.is_file():
             return None
@@ -55,7 +76,7 @@ class ResumeStore:
             info = json.loads(f.metadata()["info"])
         return tensors, info
 
-    def save(self, layer: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    def save(self, layer: int, tensors: dict[str, torch.Tensor], info: dict[str, dict]) -> None:
         tmp = self.directory / f"layer-{layer:05d}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"info": json.dumps(info)})
         os.replace(tmp, self._file(layer))

@@ -34,8 +34,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from daq_vllm.errors import DAQError
     from daq_vllm.demo.smollm2 import smollm2_gguf as find
+    from daq_vllm.errors import DAQError
 
     try:
         return find()
@@ -44,14 +44,13 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def wikitext2_raw() -> Path:
-    from daq_vllm.data.wikitext import WIKITEXT2_TEST, find_data_file
-    from daq_vllm.errors import DAQError
+def wikitext2_raw(tmp_path_factory) -> Path:
+    """The packaged wiki.test.raw (checked against its sha256), written out for tests that pass `--data`."""
+    from daq_vllm.data.wikitext import WIKITEXT2_TEST, packaged_text
 
-    try:
-        return find_data_file(WIKITEXT2_TEST)
-    except DAQError as e:
-        require(False, str(e))
+    path = tmp_path_factory.mktemp("wikitext2") / "wiki.test.raw"
+    path.write_bytes(packaged_text(WIKITEXT2_TEST).encode("utf-8"))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +61,8 @@ def smollm2_dca(smollm2_gguf, tmp_path_factory) -> tuple[Path, subprocess.Comple
     """
     out = tmp_path_factory.mktemp("smollm2") / "smol-dca-fp4-g64"
     proc = subprocess.run(
-        [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_gguf), "--format", "fp4_e2m1", "--group-size", "64",
-         "--method", "dca", "--out", str(out)],
+        [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_gguf), "--format", "fp4_e2m1",
+         "--group-size", "64", "--method", "dca", "--out", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     return out, proc

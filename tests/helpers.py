@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,12 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
 def make_daq_checkpoint(root: Path, init: str = "dca", skip: tuple[str, ...] = (), **overrides) -> Path:
     """A tiny random model quantized to fp4_e2m1, g64 (calibration-free: seconds)."""
     from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
-    from daq_vllm.offline.quantizer import InitSpec
+    from daq_vllm.offline.ranges import InitSpec
 
     src = make_tiny_model(root / "src", **overrides)
     out = root / "daq"
-    quantize_model(str(src), out, QuantizeOptions(format="fp4_e2m1", group_size=64, init=InitSpec(init), skip=list(skip),
-                                                  progress=False))
+    opts = QuantizeOptions(format="fp4_e2m1", group_size=64, init=InitSpec(init), skip=list(skip), progress=False)
+    quantize_model(str(src), out, opts)
     return out
 
 
@@ -83,8 +84,6 @@ def transformers_greedy(checkpoint: Path, prompts: list, max_new_tokens: int) ->
 
 def edit_shard(directory: Path, tensor: str, edit) -> None:
     """Apply `edit(tensors)` to the shard holding `tensor` and keep the index in step (to corrupt a checkpoint)."""
-    import json
-
     from safetensors.torch import load_file, save_file
 
     index_path = directory / "model.safetensors.index.json"
@@ -99,8 +98,6 @@ def edit_shard(directory: Path, tensor: str, edit) -> None:
 
 def edit_quant_config(directory: Path, **fields) -> None:
     """Overwrite fields of config.json's quantization_config."""
-    import json
-
     cfg = json.loads((directory / "config.json").read_text())
     cfg["quantization_config"].update(fields)
     (directory / "config.json").write_text(json.dumps(cfg))

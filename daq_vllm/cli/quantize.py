@@ -8,50 +8,58 @@ from ..errors import DAQError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..format import CODEBOOKS
-    from ..format import SUPPORTED_GROUP_SIZES
+    from ..format import CODEBOOKS, SUPPORTED_GROUP_SIZES
     from ..offline.ldra import SOLVERS
-    from ..offline.quantizer import DCA_CENTERS, INIT_METHODS
+    from ..offline.options import RECIPES, ROUNDINGS
+    from ..offline.ranges import DCA_CENTERS, INIT_METHODS
 
     p = sub.add_parser("quantize", help="quantize a model into a DAQ checkpoint")
     p.add_argument("model", help="Hugging Face model directory or .gguf file")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--format", default="fp4_e2m1", choices=list(CODEBOOKS), help="codebook (default: fp4_e2m1)")
-    p.add_argument("--group-size", type=int, default=128, help=f"inputs per group, one of {SUPPORTED_GROUP_SIZES} (default: 128)")
-    p.add_argument("--method", default="daq", choices=["daq", *INIT_METHODS],
-                   help="daq = DCA init + calibrated LDRA (default); rtn, absmax, dca = initializer only, no calibration")
-    p.add_argument("--ldra-init", default="dca", choices=list(INIT_METHODS), help="initializer LDRA starts from (default: dca)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help=f"inputs per group, one of {SUPPORTED_GROUP_SIZES} (default: 128)")
+    init_only = ", ".join(name for name, recipe in RECIPES.items() if not recipe.calibrated)
+    p.add_argument("--method", default="daq", choices=list(RECIPES),
+                   help=f"daq = DCA init + calibrated LDRA (default); {init_only} = initializer only, no calibration")
+    p.add_argument("--ldra-init", default="dca", choices=list(INIT_METHODS),
+                   help="initializer LDRA starts from (default: dca)")
     p.add_argument("--ldra-solver", default="alt", choices=list(SOLVERS),
                    help="alt = alternating codes / weighted least squares (default); sign = the paper's sign search")
-    p.add_argument("--rounding", default=None, choices=["gptq", "nearest"],
+    p.add_argument("--rounding", default=None, choices=list(ROUNDINGS),
                    help="codes on the tuned grids: gptq = error-compensated, column by column through the full input "
                         "second moment (default with --method daq; K x K floats per input) or nearest (the paper's)")
     p.add_argument("--no-shrink-grid", action="store_true",
                    help="start LDRA from the DCA range as is, not from the best per-group shrink of 0.6..1.0")
     p.add_argument("--epochs", type=int, default=10, help="sign solver: epochs (default: 10)")
     p.add_argument("--iters", type=int, default=100, help="sign solver: iterations per epoch (default: 100)")
-    p.add_argument("--calib", default="wikitext2-valid", help="calibration text: wikitext2-valid, PATH.txt or PATH.jsonl")
+    p.add_argument("--calib", default="wikitext2-valid",
+                   help="calibration text: wikitext2-valid (packaged), PATH.txt, PATH.jsonl, hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--nsamples", type=int, default=128, help="calibration blocks (default: 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
-    p.add_argument("--sequential", action="store_true", help="each layer calibrates on the quantized previous layers' outputs")
+    p.add_argument("--sequential", action="store_true",
+                   help="each layer calibrates on the quantized previous layers' outputs")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished layer")
-    p.add_argument("--dca-center", default="quantile", choices=list(DCA_CENTERS), help="DCA centre estimator (default: quantile)")
+    p.add_argument("--dca-center", default="quantile", choices=list(DCA_CENTERS),
+                   help="DCA centre estimator (default: quantile)")
     p.add_argument("--dca-shrink", type=float, default=0.9, help="DCA half-extent factor (default: 0.9)")
-    p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="leave linears matching this glob in full precision (repeatable)")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="leave linears matching this glob in full precision (repeatable)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default: cpu)")
-    p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB", help="safetensors shard size bound in GB (default: 2)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB",
+                   help="safetensors shard size bound in GB (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..offline.calibration import CalibSpec
-    from ..offline.compensated import CompensationSpec
     from ..offline.ldra import LDRASpec
-    from ..offline.pipeline import QuantizeOptions, quantize_model
-    from ..offline.quantizer import InitSpec
+    from ..offline.options import recipe_options
+    from ..offline.pipeline import quantize_model
+    from ..offline.ranges import InitSpec
 
     if not 0 < args.dca_shrink <= 4:
         raise DAQError(f"--dca-shrink {args.dca_shrink} is out of range; use a value in (0, 4]")
@@ -59,15 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise DAQError("--max-shard-size must be positive")
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
-    calibrate = args.method == "daq"
-    init_method = args.ldra_init if calibrate else args.method
-    opts = QuantizeOptions(
+    opts = recipe_options(
+        args.method,
+        args.rounding,
+        init=InitSpec(method=args.ldra_init, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
+        ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
+                      **({"shrink_grid": ()} if args.no_shrink_grid else {})),
         format=args.format,
         group_size=args.group_size,
-        init=InitSpec(method=init_method, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
-        ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
-                      **({"shrink_grid": ()} if args.no_shrink_grid else {})) if calibrate else None,
-        compensation=CompensationSpec() if args.rounding == "gptq" or (calibrate and args.rounding is None) else None,
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         sequential=args.sequential,
         resume=args.resume,

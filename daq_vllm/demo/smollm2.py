@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
 from ..errors import DAQError
 from ..model_files import load_gguf
 

@@ -34,7 +34,8 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as e:
-        raise DAQError(f"cannot read {path}: not a valid safetensors file ({e}); restore the file or re-quantize") from None
+        raise DAQError(f"cannot read {path}: not a valid safetensors file ({e}); "
+                       "restore the file or re-quantize") from None
     header.pop("__metadata__", None)
     return header
 
@@ -45,7 +46,8 @@ def read_tensors(directory: Path) -> dict[str, dict[str, Any]]:
     if not index_path.is_file():
         files = sorted(directory.glob("*.safetensors"))
         if not files:
-            raise DAQError(f"{directory} holds no .safetensors files; it is not a DAQ checkpoint (see daq-vllm quantize)")
+            raise DAQError(f"{directory} holds no .safetensors files; "
+                           "it is not a DAQ checkpoint (see daq-vllm quantize)")
         return {name: info for f in files for name, info in read_header(f).items()}
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
@@ -56,10 +58,12 @@ def read_tensors(directory: Path) -> dict[str, dict[str, Any]]:
     for name, file in sorted(weight_map.items()):
         if file not in headers:
             if not (directory / file).is_file():
-                raise DAQError(f"checkpoint {directory} is missing the file {file} (holds tensor {name}); restore it or re-quantize")
+                raise DAQError(f"checkpoint {directory} is missing the file {file} (holds tensor {name}); "
+                               "restore it or re-quantize")
             headers[file] = read_header(directory / file)
         if name not in headers[file]:
-            raise DAQError(f"checkpoint {directory} is missing tensor {name} (the index puts it in {file}); restore it or re-quantize")
+            raise DAQError(f"checkpoint {directory} is missing tensor {name} (the index puts it in {file}); "
+                           "restore it or re-quantize")
         tensors[name] = headers[file][name]
     return tensors
 
@@ -74,8 +78,8 @@ def _check_packed(directory: Path, module: str, tensors: dict[str, dict[str, Any
                            "belong together); restore it or re-quantize")
         info = tensors[name]
         if info.get("dtype") != PACKED_DTYPES[suffix] or len(info.get("shape", ())) != 2:
-            raise DAQError(f"checkpoint {directory}: tensor {name} is {info.get('dtype')} {info.get('shape')}, expected a 2-D "
-                           f"{PACKED_DTYPES[suffix]} tensor (docs/FORMAT.md); re-quantize")
+            raise DAQError(f"checkpoint {directory}: tensor {name} is {info.get('dtype')} {info.get('shape')}, "
+                           f"expected a 2-D {PACKED_DTYPES[suffix]} tensor (docs/FORMAT.md); re-quantize")
     (n, words), scales, offsets = (tensors[f"{module}.{s}"]["shape"] for s in PACKED)
     bits, g = fmt.bits, fmt.group_size
     if expected is not None:
@@ -83,12 +87,13 @@ def _check_packed(directory: Path, module: str, tensors: dict[str, dict[str, Any
         want = packed_shapes(en, k, bits, g)
         for suffix, shape in zip(PACKED, ([n, words], scales, offsets)):
             if tuple(shape) != want[suffix]:
-                raise DAQError(f"checkpoint {directory}: tensor {module}.{suffix} has shape {list(shape)}, expected "
-                               f"{list(want[suffix])} for a [{en}, {k}] linear at {bits} bits, group size {g}; re-quantize")
+                raise DAQError(f"checkpoint {directory}: tensor {module}.{suffix} has shape {list(shape)}, "
+                               f"expected {list(want[suffix])} for a [{en}, {k}] linear at {bits} bits, "
+                               f"group size {g}; re-quantize")
         return
     if list(scales) != list(offsets) or scales[0] != n:
-        raise DAQError(f"checkpoint {directory}: tensors {module}.scales {list(scales)} and .offsets {list(offsets)} must "
-                       f"have shape [{n}, groups] like .qweight [{n}, {words}]; re-quantize")
+        raise DAQError(f"checkpoint {directory}: tensors {module}.scales {list(scales)} and .offsets {list(offsets)} "
+                       f"must have shape [{n}, groups] like .qweight [{n}, {words}]; re-quantize")
     groups = scales[1]
     if groups < 1 or not packed_words((groups - 1) * g + 1, bits) <= words <= packed_words(groups * g, bits):
         raise DAQError(f"checkpoint {directory}: tensor {module}.qweight has {words} words per row, which does not fit "
@@ -121,8 +126,8 @@ def _check_layers(directory: Path, tensors: dict[str, dict[str, Any]], num_layer
                 rest = union[missing[0]]
                 if rest.rpartition(".")[2] in PACKED:
                     rest = f"{missing[0]}.{QWEIGHT}"
-                raise DAQError(f"checkpoint {directory} is missing tensor {stack}.{i}.{rest} (layer {i} of {num_layers}; "
-                               "the other layers have it); restore it or re-quantize")
+                raise DAQError(f"checkpoint {directory} is missing tensor {stack}.{i}.{rest} "
+                               f"(layer {i} of {num_layers}; the other layers have it); restore it or re-quantize")
 
 
 def check_checkpoint(path: str | Path, *, for_vllm: bool = False) -> DAQFormat:
@@ -133,7 +138,8 @@ def check_checkpoint(path: str | Path, *, for_vllm: bool = False) -> DAQFormat:
     directory = Path(path).expanduser()
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise DAQError(f"{directory} is not a model directory (no config.json); pass a checkpoint written by daq-vllm quantize")
+        raise DAQError(f"{directory} is not a model directory (no config.json); "
+                       "pass a checkpoint written by daq-vllm quantize")
     try:
         config = json.loads(config_path.read_text())
     except ValueError as e:

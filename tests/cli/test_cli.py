@@ -156,10 +156,13 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
 
 def test_quantize_then_eval_json(capsys, tiny_llama, tmp_path):
     out = tmp_path / "q"
-    assert run_main(capsys, "quantize", str(tiny_llama), "--out", str(out), "--format", "nf4", "--group-size", "64")[0] == 0
+    assert run_main(capsys, "quantize", str(tiny_llama), "--out", str(out), "--format", "nf4",
+                    "--group-size", "64")[0] == 0
     data = tmp_path / "words.raw"
     rng = torch.Generator().manual_seed(0)
-    data.write_text(" \n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 250, (40,), generator=rng)) for _ in range(20)))
-    assert cli.main(["eval", str(out), "--data", str(data), "--seqlen", "64", "--max-windows", "3", "--json", "--no-progress"]) == 0
+    data.write_text(" \n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 250, (40,), generator=rng))
+                               for _ in range(20)))
+    assert cli.main(["eval", str(out), "--data", str(data), "--seqlen", "64", "--max-windows", "3", "--json",
+                     "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["windows"] == 3 and result["seqlen"] == 64 and 1 < result["perplexity"] < 1e4

@@ -24,7 +24,8 @@ def test_a_step_result_is_cached_and_reused(tmp_path):
 
 
 def test_summary_table_has_both_models():
-    facts = {"format": "fp4_e2m1", "group_size": 128, "bits_per_weight": 4.25, "size_mib": {"full": 513.0, "daq": 162.0}}
+    facts = {"format": "fp4_e2m1", "group_size": 128, "bits_per_weight": 4.25,
+             "size_mib": {"full": 513.0, "daq": 162.0}}
     text = demo.summary(facts, {"full": 24.145, "daq": 28.028}, {"full": 60.7, "daq": 7.1},
                         {"completion": " Paris.", "chat": "Paris."}, 4)
     assert "DAQ fp4_e2m1 g128" in text and "4.25" in text and "162" in text

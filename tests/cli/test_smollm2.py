@@ -24,7 +24,8 @@ def test_quantize_and_evaluate_smollm2(smollm2_dca, wikitext2_raw):
     assert report["quantized_linears"] == 30 * 7
     assert all(0 < layer["mean_rel_error"] < 0.3 for layer in report["layers"])
 
-    proc = cli("eval", str(out), "--ppl", "wikitext2", "--max-windows", "2", "--data", str(wikitext2_raw), "--no-progress")
+    proc = cli("eval", str(out), "--ppl", "wikitext2", "--max-windows", "2", "--data", str(wikitext2_raw),
+               "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     ppl = float(re.search(r"perplexity ([0-9.]+) \(2/148 windows", proc.stdout).group(1))
     assert 15 < ppl < 60  # fp32 gives 18.84 on these windows; DCA-fp4 without LDRA loses some

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daq_vllm.format.check import check_checkpoint
 from daq_vllm.errors import DAQError
+from daq_vllm.format.check import check_checkpoint
 from helpers import edit_quant_config, edit_shard
 
 MODULE = "model.layers.1.self_attn.k_proj"
@@ -16,7 +16,7 @@ MODULE = "model.layers.1.self_attn.k_proj"
 @pytest.fixture(scope="module")
 def daq_dir(tmp_path_factory) -> Path:
     from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
-    from daq_vllm.offline.quantizer import InitSpec
+    from daq_vllm.offline.ranges import InitSpec
     from helpers import make_tiny_model
 
     root = tmp_path_factory.mktemp("check")
@@ -91,7 +91,8 @@ def test_bad_config_field_is_named(copy, fields, message):
 
 def test_not_converted_but_quantized_is_named(copy):
     edit_quant_config(copy, modules_not_converted=[MODULE])
-    with pytest.raises(DAQError, match=rf"modules_not_converted lists {MODULE}, but the checkpoint stores it quantized"):
+    with pytest.raises(DAQError,
+                       match=rf"modules_not_converted lists {MODULE}, but the checkpoint stores it quantized"):
         check_checkpoint(copy)
 
 
@@ -114,12 +115,12 @@ def test_missing_shard_file_is_named(copy):
 
 def test_quantized_lm_head_is_refused_for_vllm_only(tmp_path):
     from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
-    from daq_vllm.offline.quantizer import InitSpec
+    from daq_vllm.offline.ranges import InitSpec
     from helpers import make_tiny_model
 
     src = make_tiny_model(tmp_path / "src")
-    quantize_model(str(src), tmp_path / "daq", QuantizeOptions(group_size=64, init=InitSpec("rtn"), quantize_lm_head=True,
-                                                               progress=False))
+    quantize_model(str(src), tmp_path / "daq",
+                   QuantizeOptions(group_size=64, init=InitSpec("rtn"), quantize_lm_head=True, progress=False))
     check_checkpoint(tmp_path / "daq")
     with pytest.raises(DAQError, match=r"quantized lm_head.*without --quantize-lm-head"):
         check_checkpoint(tmp_path / "daq", for_vllm=True)

@@ -1,8 +1,8 @@
 import pytest
 
-from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.errors import DAQError
 from daq_vllm.format import DAQFormat
+from daq_vllm.format.codebooks import get_codebook
 
 
 def valid() -> dict:

@@ -54,7 +54,8 @@ def test_greedy_tokens_equal_transformers(engine, daq_checkpoint):
 
 def quant_methods(model) -> dict[str, str]:
     """Runs inside the vLLM worker (module level, so it pickles by reference)."""
-    return {name: type(m.quant_method).__name__ for name, m in model.named_modules() if getattr(m, "quant_method", None)}
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules()
+            if getattr(m, "quant_method", None)}
 
 
 def test_linears_use_the_daq_method_except_modules_not_converted(engine):
@@ -64,6 +65,20 @@ def test_linears_use_the_daq_method_except_modules_not_converted(engine):
     assert found["model.layers.0.mlp.down_proj"] == "UnquantizedLinearMethod"
     assert found["model.layers.1.mlp.down_proj"] == "DAQLinearMethod"
     assert found["model.layers.1.mlp.gate_up_proj"] == "DAQLinearMethod"
+
+
+def kernels_used(model) -> dict[str, tuple[str, int, int]]:
+    """Runs inside the vLLM worker: each DAQ layer's kernel, chosen once in create_weights, and its spec."""
+    return {name: (m.quant_method.kernel.name, m.quant_method.kernel.spec.out_features,
+                   m.quant_method.kernel.spec.in_features)
+            for name, m in model.named_modules()
+            if type(getattr(m, "quant_method", None)).__name__ == "DAQLinearMethod"}
+
+
+def test_each_daq_layer_holds_the_kernel_chosen_for_it(engine):
+    used = engine.apply_model(kernels_used)[0]
+    assert {kernel for kernel, _, _ in used.values()} == {"torch"}  # CPU: the torch kernel
+    assert used["model.layers.1.mlp.gate_up_proj"][1:] == (640, 192)  # fused gate+up: 2 x 320 outputs
 
 
 def test_method_is_read_from_config_json(daq_checkpoint):
@@ -109,9 +124,11 @@ def test_fused_layer_with_some_parts_not_converted_is_refused():
     from daq_vllm.integrations.vllm.config import DAQConfig
 
     def config(*not_converted: str) -> DAQConfig:
-        fmt = DAQFormat(format="nf4", bits=4, group_size=64, codebook=[0.0] * 16, modules_not_converted=list(not_converted))
+        fmt = DAQFormat(format="nf4", bits=4, group_size=64, codebook=[0.0] * 16,
+                        modules_not_converted=list(not_converted))
         cfg = DAQConfig(fmt)
-        cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+        cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                      "gate_up_proj": ["gate_proj", "up_proj"]}
         return cfg
 
     attn = "model.layers.0.self_attn"

@@ -59,7 +59,8 @@ def server(tmp_path_factory):
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daq_vllm.cli", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-             "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--chat-template", str(root / "chat.jinja"),
+             "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
+             "--chat-template", str(root / "chat.jinja"),
              "--served-model-name", "tiny-daq"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
@@ -68,7 +69,8 @@ def server(tmp_path_factory):
     while f"daq-vllm: serving {checkpoint} at {url}" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"daq-vllm serve did not come up (exit {proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}")
+            pytest.fail(f"daq-vllm serve did not come up (exit {proc.poll()}):\n"
+                        f"{log.read_text(errors='replace')[-4000:]}")
         time.sleep(1)
     yield Server(proc, log, url, checkpoint)
     if proc.poll() is None:
@@ -95,15 +97,18 @@ def test_completions_equal_transformers_greedy(server, client):
 def test_streamed_completion_equals_the_whole_one(client):
     for prompt in PROMPTS:
         _, text = complete(client, prompt)
-        stream = client.completions.create(model="tiny-daq", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        stream = client.completions.create(model="tiny-daq", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                           stream=True)
         pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
         assert len(pieces) > 1 and "".join(pieces) == text
 
 
 def chat(client, content: str, stream: bool = False):
-    kwargs = dict(model="tiny-daq", messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0)
+    kwargs = dict(model="tiny-daq", messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS,
+                  temperature=0)
     if stream:
-        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
+        return "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
     r = client.chat.completions.create(extra_body={"return_token_ids": True}, **kwargs)
     return r.choices[0].token_ids, r.choices[0].message.content
 
@@ -112,7 +117,8 @@ def test_chat_completions_equal_transformers_greedy(server, client):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(server.checkpoint)
-    rendered = [tok(f"{content} ", add_special_tokens=False).input_ids for content in PROMPTS]  # what CHAT_TEMPLATE gives
+    rendered = [tok(f"{content} ", add_special_tokens=False).input_ids
+                for content in PROMPTS]  # what CHAT_TEMPLATE gives
     answers = [chat(client, content) for content in PROMPTS]
     assert [ids for ids, _ in answers] == transformers_greedy(server.checkpoint, rendered, MAX_TOKENS)
     assert [chat(client, content, stream=True) for content in PROMPTS] == [text for _, text in answers]
@@ -128,7 +134,8 @@ def test_concurrent_requests_equal_sequential_ones(client):
 
 
 def test_a_server_that_fails_to_start_ends_with_one_line(server):
-    proc = subprocess.run([sys.executable, "-m", "daq_vllm.cli", "serve", str(server.checkpoint), "--max-model-len", "many"],
+    proc = subprocess.run([sys.executable, "-m", "daq_vllm.cli", "serve", str(server.checkpoint),
+                           "--max-model-len", "many"],
                           capture_output=True, text=True, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("daq-vllm")]
     assert proc.returncode == 2 and len(ours) == 1, proc.stderr[-3000:]

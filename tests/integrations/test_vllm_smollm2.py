@@ -33,7 +33,8 @@ def test_smollm2_greedy_equals_transformers(smollm2_dca):
     assert proc.returncode == 0, proc.stderr[-2000:]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # A small token budget keeps vLLM's start-up warm-up pass (the torch reference on CPU) short.
-    llm = LLM(str(out), dtype="float32", max_model_len=256, max_num_batched_tokens=256, max_num_seqs=4, enforce_eager=True)
+    llm = LLM(str(out), dtype="float32", max_model_len=256, max_num_batched_tokens=256, max_num_seqs=4,
+              enforce_eager=True)
     try:
         results = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     finally:

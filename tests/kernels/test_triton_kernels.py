@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import require
-from daq_vllm.format.codebooks import get_codebook
+from daq_vllm.format import num_groups
+from daq_vllm.format.codebooks import decode_kind, get_codebook
 from daq_vllm.kernels import dequantize, pack_codes
 
 try:
@@ -33,15 +34,21 @@ def tg():
 @pytest.fixture
 def poisoned(tg, monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(tg, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(tg, "_new_output",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
     return tg
+
+
+def e2m1(cb) -> bool:
+    """Whether the kernels may decode this codebook from its bits (what `LinearSpec.decode` decides)."""
+    return decode_kind(cb.values) == "e2m1"
 
 
 def weights(fmt: str, g: int, seed: int = 0):
     cb = get_codebook(fmt)
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**cb.bits, (N, K), generator=gen)
-    groups = -(-K // g)
+    groups = num_groups(K, g)
     scales = (torch.rand(N, groups, generator=gen) * 0.05 + 0.01).half()
     offsets = (torch.randn(N, groups, generator=gen) * 0.02).half()
     return pack_codes(codes, cb.bits), scales, offsets, cb
@@ -69,7 +76,7 @@ def test_gemv_and_gemm_match_reference(poisoned, fmt, g, dtype):
     for m in (1, 3, 16, 64):
         x = torch.randn(m, K).to(dtype)
         kernel = poisoned.gemv_triton if m <= poisoned.GEMV_MAX_M else poisoned.gemm_triton
-        y = kernel(x, q, s, b, cb.tensor(), cb.bits, g, bias)
+        y = kernel(x, q, s, b, cb.tensor(), cb.bits, g, e2m1(cb), bias)
         check(y, reference(x, q, s, b, cb, g, bias), dtype)
 
 
@@ -86,22 +93,23 @@ def test_every_config_shape_matches_reference(poisoned, fmt, m, cfg):
     bias = torch.randn(N).half()
     x = torch.randn(m, K).half()
     config = poisoned.KernelConfig(**cfg)
-    y = poisoned._PATHS[config.path](x, q, s, b, cb.tensor(), cb.bits, 64, bias, config)
+    y = poisoned._PATHS[config.path](x, q, s, b, cb.tensor(), cb.bits, 64, e2m1(cb), bias, config)
     check(y, reference(x, q, s, b, cb, 64, bias), torch.float16)
 
 
-def test_e2m1_bit_decoding_equals_the_table(poisoned, monkeypatch):
-    """fp4_e2m1 is decoded from its bits; forcing the table lookup must give the same result."""
+def test_e2m1_bit_decoding_equals_the_table(poisoned):
+    """fp4_e2m1 is decoded from its bits; the table lookup must give the same result."""
     q, s, b, cb = weights("fp4_e2m1", 32, seed=5)
     table = cb.tensor()
-    assert poisoned.is_e2m1(table) and not poisoned.is_e2m1(get_codebook("nf4").tensor())
+    assert e2m1(cb) and not e2m1(get_codebook("nf4")) and not e2m1(get_codebook("fp4_e2m1_ref"))
     x = torch.randn(3, K).half()
-    fast = [poisoned.gemv_triton(x, q, s, b, table, 4, 32), poisoned.gemm_triton(x, q, s, b, table, 4, 32),
-            poisoned.dequantize_triton(q, s, b, table, 4, 32, K, torch.float32)]
-    monkeypatch.setattr(poisoned, "is_e2m1", lambda codebook: False)
-    slow = [poisoned.gemv_triton(x, q, s, b, table, 4, 32), poisoned.gemm_triton(x, q, s, b, table, 4, 32),
-            poisoned.dequantize_triton(q, s, b, table, 4, 32, K, torch.float32)]
-    for a, c in zip(fast, slow):
+
+    def paths(bits_decoded: bool) -> list[torch.Tensor]:
+        return [poisoned.gemv_triton(x, q, s, b, table, 4, 32, bits_decoded),
+                poisoned.gemm_triton(x, q, s, b, table, 4, 32, bits_decoded),
+                poisoned.dequantize_triton(q, s, b, table, 4, 32, bits_decoded, K, torch.float32)]
+
+    for a, c in zip(paths(True), paths(False)):
         torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
 
 
@@ -109,22 +117,28 @@ def test_e2m1_bit_decoding_equals_the_table(poisoned, monkeypatch):
 @pytest.mark.parametrize("groups_per_program", [1, 2])
 def test_dequantize_kernel_is_exact(poisoned, fmt, groups_per_program):
     q, s, b, cb = weights(fmt, 64, seed=1)
-    w = poisoned.dequantize_triton(q, s, b, cb.tensor(), cb.bits, 64, K, torch.float32,
+    w = poisoned.dequantize_triton(q, s, b, cb.tensor(), cb.bits, 64, e2m1(cb), K, torch.float32,
                                    block_n=16, groups_per_program=groups_per_program)
     assert torch.equal(w, dequantize(q, s, b, cb.tensor(), cb.bits, 64, K))
 
 
-def test_dispatch_covers_every_path(poisoned):
+def test_dispatch_covers_every_path(poisoned, monkeypatch):
+    """The untuned GPU defaults (gemv, gemm, dequant by M) run through the public entry here too."""
     daq_linear = poisoned.daq_linear_triton
     q, s, b, cb = weights("nf4", 64, seed=2)
     bias = torch.randn(N).half()
-    paths = {m: poisoned.default_config(m, N, K, cuda=False).path for m in (2, 40, poisoned.DEQUANT_MIN_M + 6)}
+    paths = {m: poisoned.default_config(m, N, K, cuda=True).path for m in (2, 40, poisoned.DEQUANT_MIN_M + 6)}
     assert list(paths.values()) == ["gemv", "gemm", "dequant"]
+    cpu = [poisoned.default_config(m, N, K, cuda=False).path for m in paths]
+    assert cpu == ["gemm", "gemm", "dequant"]  # the interpreter's defaults skip the slow-to-interpret gemv
+    gpu_default = poisoned.default_config
+    monkeypatch.setattr(poisoned, "default_config", lambda m, n, k, cuda: gpu_default(m, n, k, True))
     for m in paths:
         x = torch.randn(m, K).half()
-        check(daq_linear(x, q, s, b, cb.tensor(), cb.bits, 64, bias), reference(x, q, s, b, cb, 64, bias), torch.float16)
+        y = daq_linear(x, q, s, b, cb.tensor(), cb.bits, 64, False, bias)
+        check(y, reference(x, q, s, b, cb, 64, bias), torch.float16)
     x3 = torch.randn(2, 3, K).half()  # leading dims are kept
-    assert daq_linear(x3, q, s, b, cb.tensor(), cb.bits, 64, bias).shape == (2, 3, N)
+    assert daq_linear(x3, q, s, b, cb.tensor(), cb.bits, 64, False, bias).shape == (2, 3, N)
 
 
 def test_candidate_configs_cover_each_m_bucket(tg):
@@ -136,21 +150,13 @@ def test_candidate_configs_cover_each_m_bucket(tg):
     assert tg.m_bucket(3) == 4 and tg.m_bucket(1) == 1 and tg.m_bucket(1000) == 1024
 
 
-def test_public_entry_uses_the_reference_on_cpu():
-    from daq_vllm.kernels import daq_linear, daq_linear_reference
-
-    q, s, b, cb = weights("int3", 32, seed=3)
-    x = torch.randn(5, K)
-    assert torch.equal(daq_linear(x, q, s, b, cb.tensor(), 3, 32), daq_linear_reference(x, q, s, b, cb.tensor(), 3, 32))
-
-
 def test_kernel_benchmark_smoke_runs(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     require(HAVE_TRITON, "triton is not installed")
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_bench.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

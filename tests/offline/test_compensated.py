@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from test_ldra import accumulate, calib_file, daq_args
 
 from daq_vllm import cli
 from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.offline.compensated import CompensationSpec, compensate, compensated_codes, row_losses
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra
-from daq_vllm.offline.quantizer import InitSpec
-from test_ldra import accumulate, calib_file, daq_args
+from daq_vllm.offline.ranges import InitSpec
 
 
 def test_full_moment_blocks_equal_the_block_diagonal_accumulator():

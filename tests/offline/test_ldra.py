@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from daq_vllm import cli
-from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.errors import DAQError
+from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.offline import ldra as ldra_mod
 from daq_vllm.offline import pipeline
 from daq_vllm.offline.calibration import CalibSpec, calibration_blocks
-from daq_vllm.offline.layerwise import SecondMoments
-from daq_vllm.offline.ldra import LDRASpec, _weighted_fit, GroupProblem, group_loss, ldra
-from daq_vllm.offline.quantizer import InitSpec, init_range
+from daq_vllm.offline.ldra import GroupProblem, LDRASpec, _weighted_fit, group_loss, ldra
+from daq_vllm.offline.moments import SecondMoments
+from daq_vllm.offline.ranges import InitSpec, init_range
 from helpers import WORDS, tiny_tokenizer
 
 
@@ -111,7 +111,8 @@ def test_shared_inputs_share_one_accumulator(tiny_llama):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     layer = model.model.layers[0]
-    names = [f"m.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    linears = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    names = [f"m.{n}" for n in linears]
     acc = SecondMoments(64)
     acc.attach(layer, "m", names)
     x = torch.randn(1, 8, 192)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ import daq_vllm  # noqa: F401  (registers the transformers quantizer)
 from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.integrations.transformers import DAQLinear
 from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
-from daq_vllm.offline.quantizer import InitSpec, quantize_weight
+from daq_vllm.offline.ranges import InitSpec, quantize_weight
 from helpers import decode_from_spec, make_tiny_model, read_all
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -32,7 +33,9 @@ def fake_quant_model(src: Path, fmt: str, group_size: int, spec: InitSpec):
     return model.eval()
 
 
-@pytest.mark.parametrize("fmt, method, g", [("fp4_e2m1", "dca", 64), ("int4", "rtn", 128), ("fp3_e2m0", "dca", 128), ("nf4", "absmax", 32)])
+@pytest.mark.parametrize(
+    "fmt, method, g", [("fp4_e2m1", "dca", 64), ("int4", "rtn", 128), ("fp3_e2m0", "dca", 128), ("nf4", "absmax", 32)]
+)
 def test_quantize_write_reload_matches_fake_quant(tiny_llama, tmp_path, fmt, method, g):
     from transformers import AutoModelForCausalLM
 

@@ -3,15 +3,8 @@ import torch
 
 from daq_vllm.format.codebooks import CODEBOOKS, get_codebook
 from daq_vllm.kernels import dequantize, expand_groups, pack_codes
-from daq_vllm.offline.quantizer import (
-    InitSpec,
-    NearestCode,
-    center_hist,
-    center_kde,
-    center_quantile,
-    init_range,
-    quantize_weight,
-)
+from daq_vllm.offline.grid import NearestCode
+from daq_vllm.offline.ranges import InitSpec, center_hist, center_kde, center_quantile, init_range, quantize_weight
 
 SPECS = [
     InitSpec("rtn"), InitSpec("absmax"), InitSpec("dca"), InitSpec("dca", "kde"),

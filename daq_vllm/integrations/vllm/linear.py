@@ -64,7 +64,8 @@ class DAQLinearMethod(LinearMethodBase):
         loader = extra_weight_attrs["weight_loader"]
         layer.register_parameter("qweight", PackedvLLMParameter(
             data=torch.empty(n, packed_words(k, bits), dtype=torch.int32), input_dim=1, output_dim=0,
-            packed_dim=1, packed_factor=Fraction(32, bits), weight_loader=_named_loader(loader, f"{self.prefix}.qweight")))
+            packed_dim=1, packed_factor=Fraction(32, bits),
+            weight_loader=_named_loader(loader, f"{self.prefix}.qweight")))
         for name in ("scales", "offsets"):
             layer.register_parameter(name, GroupQuantScaleParameter(
                 data=torch.empty(n, groups, dtype=torch.float16), input_dim=1, output_dim=0,

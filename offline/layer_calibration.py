@@ -1,0 +1,64 @@
+"""Calibration state between decoder layers: the activations entering the current layer.
+
+With LDRA, calibration blocks flow through the layers one at a time (GPTQ-style): a layer is
+loaded, its linears' input statistics are collected while the activations pass through it, and
+the activations move on to the next layer, through the float layer or (`sequential`) through the
+quantized one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .calibration import calibration_blocks
+from .model_source import DecoderLayer, ModelSource
+from .moments import SecondMoments
+from .options import QuantizeOptions
+from .runner import LayerRunner, materialize, release, set_parameter
+
+Decoded = Callable[[str, int], torch.Tensor]  # (linear name, in_features) -> its quantized weight, float32
+
+
+class LayerCalibration:
+    """The activations entering the current decoder layer, for every calibration block."""
+
+    def __init__(self, source: ModelSource, layers: list[DecoderLayer], opts: QuantizeOptions):
+        self.source, self.opts = source, opts
+        blocks = calibration_blocks(source.tokenizer(), opts.calib)
+        self.runner = LayerRunner(source, layers, opts.device)
+        self.hidden = self.runner.first_inputs(blocks)
+
+    def collect(self, layer: DecoderLayer, names: list[str]) -> tuple[SecondMoments, torch.Tensor]:
+        """Load `layer` and pass the activations through it: its linears' input statistics, its float outputs."""
+        materialize(self.source, layer.name, layer.module, self.opts.device)
+        moments = SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
+        moments.attach(layer.module, layer.name, names)
+        try:
+            outputs = self.runner.forward(layer.module, self.hidden, before_each=moments.new_pass)
+        finally:
+            moments.detach()
+        return moments, outputs
+
+    def advance(
+        self, layer: DecoderLayer, names: list[str], decoded: Decoded, float_outputs: torch.Tensor | None = None
+    ) -> None:
+        """Move the activations past `layer`, then drop its weights.
+
+        `float_outputs` are the layer's full-precision outputs when `collect` already computed them
+        (its weights are still loaded then); a resumed layer passes None. With `sequential`, the
+        next layer sees this layer's outputs with the weights `decoded` gives for `names` instead.
+        """
+        if float_outputs is None:
+            materialize(self.source, layer.name, layer.module, self.opts.device)
+        if self.opts.sequential:
+            for name in names:
+                local = name[len(layer.name) + 1 :]
+                in_features = layer.module.get_submodule(local).weight.shape[1]
+                set_parameter(layer.module, f"{local}.weight", decoded(name, in_features))
+            outputs = self.runner.forward(layer.module, self.hidden)
+        else:
+            outputs = float_outputs if float_outputs is not None else self.runner.forward(layer.module, self.hidden)
+        release(layer.module)
+        self.hidden = outputs

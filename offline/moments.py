@@ -1,0 +1,104 @@
+"""Input statistics of a layer's linears: the second moments LDRA and GPTQ-style rounding weigh errors by.
+
+Forward pre-hooks on the linears accumulate, batch by batch, the block-diagonal second moment of
+their inputs per group, `sum_t x_t,j x_t,j^T` (or the full `X^T X` when error-compensated rounding
+needs it). The blocks follow `grid.split_groups`: the full groups, then the partial last group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .grid import split_groups
+
+
+class SecondMoments:
+    """Accumulates per-group `X_j^T X_j` and the token count for each linear of one layer.
+
+    Linears that read the same input tensor in a pass (q/k/v, gate/up) share one accumulator.
+    With `full`, the whole `X^T X` [K, K] is accumulated instead and the per-group blocks are its
+    diagonal blocks (K^2 floats per distinct input: what GPTQ holds too).
+    """
+
+    def __init__(self, group_size: int, full: bool = False):
+        self.group_size = group_size
+        self.full = full
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.tokens: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._pass_inputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self, layer: nn.Module, prefix: str, linear_names: list[str]) -> None:
+        """Hook the linears `linear_names` (full names, under `prefix`) of `layer`."""
+        for full in linear_names:
+            module = layer.get_submodule(full[len(prefix) + 1 :])
+            self._handles.append(module.register_forward_pre_hook(self._hook(full)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def new_pass(self) -> None:
+        """Start a forward pass: inputs are matched to earlier linears of the same pass only."""
+        self._pass_inputs.clear()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = x.data_ptr()
+            if key in self._pass_inputs:  # the tensor is kept alive for the pass: no address reuse
+                self.alias.setdefault(name, self._pass_inputs[key][0])
+                return
+            self._pass_inputs[key] = (name, x)
+            self._accumulate(name, x.reshape(-1, x.shape[-1]).float())
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        t = x.shape[0]
+        parts = [x.T @ x] if self.full else self._group_products(x)
+        if name not in self.sums:
+            self.sums[name], self.tokens[name] = parts, 0
+        else:
+            for acc, p in zip(self.sums[name], parts):
+                acc += p
+        self.tokens[name] += t
+
+    def _group_products(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per block of groups: `X_j^T X_j` for the full groups [G, g, g], then the partial one [1, L, L]."""
+        t = x.shape[0]
+        parts = []
+        for span in split_groups(x.shape[1], self.group_size):
+            xs = x[:, span.start : span.stop]
+            if span.partial:
+                parts.append((xs.T @ xs)[None])
+            else:
+                xg = xs.reshape(t, span.count, span.length).transpose(0, 1)  # [G, T, g]
+                parts.append(torch.bmm(xg.transpose(1, 2), xg))
+        return parts
+
+    def moments(self, name: str) -> list[torch.Tensor]:
+        """Per block of groups (full groups, then the partial one): H = X^T X / T, [G, L, L]."""
+        if self.full:
+            return diagonal_blocks(self.full_moment(name), self.group_size)
+        owner = self.alias.get(name, name)
+        return [s / self.tokens[owner] for s in self.sums[owner]]
+
+    def full_moment(self, name: str) -> torch.Tensor:
+        """H = X^T X / T [K, K]; only with `full`."""
+        owner = self.alias.get(name, name)
+        return self.sums[owner][0] / self.tokens[owner]
+
+
+def diagonal_blocks(h: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """The g x g diagonal blocks of H [K, K] as `SecondMoments.moments` lays them out."""
+    blocks = []
+    for s in split_groups(h.shape[0], group_size):
+        hs = h[s.start : s.stop, s.start : s.stop].reshape(s.count, s.length, s.count, s.length)
+        blocks.append(hs.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous())
+    return blocks

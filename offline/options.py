@@ -1,0 +1,119 @@
+"""What a quantization run is asked to do: `QuantizeOptions`, the named recipes, and their checks.
+
+A recipe is a method name ("daq", "rtn", "absmax", "dca") with a rounding ("gptq" or "nearest"):
+`RECIPES` is the one table of them. The CLI's `--method` choices, benchmarks/quality.py's row
+names and the provenance's `method` all read it, so a method is added in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from daq_vllm.errors import DAQError
+from daq_vllm.format import SUPPORTED_GROUP_SIZES, get_codebook
+
+from .calibration import CalibSpec
+from .compensated import CompensationSpec
+from .ldra import LDRASpec
+from .ranges import InitSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named method: its initializer, whether it calibrates (LDRA), and its default rounding."""
+
+    init: str  # a key of ranges.INIT_METHODS
+    calibrated: bool
+    rounding: str  # one of ROUNDINGS, used when the caller names none
+
+
+ROUNDINGS: tuple[str, ...] = ("gptq", "nearest")  # GPTQ-style error-compensated codes, or the nearest ones
+RECIPES: dict[str, Recipe] = {
+    "daq": Recipe(init="dca", calibrated=True, rounding="gptq"),
+    "rtn": Recipe(init="rtn", calibrated=False, rounding="nearest"),
+    "absmax": Recipe(init="absmax", calibrated=False, rounding="nearest"),
+    "dca": Recipe(init="dca", calibrated=False, rounding="nearest"),
+}
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything `quantize_model` needs besides the input and output paths.
+
+    `ldra=None` quantizes from the initializer alone (no calibration); with an LDRASpec the run
+    calibrates on `calib` and tunes each group (the full DAQ when `init.method` is "dca").
+    `compensation` (with LDRA only) re-chooses the codes on the tuned grids GPTQ-style.
+    """
+
+    format: str = "fp4_e2m1"
+    group_size: int = 128
+    init: InitSpec = field(default_factory=InitSpec)
+    ldra: LDRASpec | None = None
+    compensation: CompensationSpec | None = None
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    sequential: bool = False
+    skip: list[str] = field(default_factory=list)
+    quantize_lm_head: bool = False
+    device: str = "cpu"
+    max_shard_bytes: int = 2 * 1024**3
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def method_name(self) -> str:
+        """The recipe these options follow ("daq", "rtn+gptq"...); a calibrated run from another
+        initializer than the recipe's is "<init>+ldra"."""
+        calibrated = self.ldra is not None
+        name = next(
+            (n for n, r in RECIPES.items() if r.init == self.init.method and r.calibrated == calibrated),
+            f"{self.init.method}+ldra",
+        )
+        return f"{name}+gptq" if self.compensation is not None else name
+
+
+def recipe_options(
+    method: str, rounding: str | None = None, *, init: InitSpec | None = None, ldra: LDRASpec | None = None,
+    **options: Any,
+) -> QuantizeOptions:
+    """QuantizeOptions for the recipe `method` with `rounding` (the recipe's default when None).
+
+    A calibrated recipe starts LDRA from `init` as given (the CLI's --ldra-init; the recipe's
+    initializer by default) and tunes with `ldra` (defaults: LDRASpec()); the others quantize with
+    their own initializer, keeping `init`'s DCA settings. `options` are the remaining fields.
+    """
+    if method not in RECIPES or rounding not in (None, *ROUNDINGS):
+        raise DAQError(f"unknown recipe {method!r} with rounding {rounding!r}; methods are {', '.join(RECIPES)}, "
+                       f"roundings {', '.join(ROUNDINGS)}")
+    recipe = RECIPES[method]
+    init = init if init is not None else InitSpec(method=recipe.init)
+    if not recipe.calibrated:
+        init = replace(init, method=recipe.init)
+    rounding = rounding or recipe.rounding
+    return QuantizeOptions(
+        init=init,
+        ldra=(ldra if ldra is not None else LDRASpec()) if recipe.calibrated else None,
+        compensation=CompensationSpec() if rounding == "gptq" else None,
+        **options,
+    )
+
+
+def check_options(opts: QuantizeOptions) -> None:
+    """Refuse options that cannot work before anything slow starts, naming the fix."""
+    try:
+        get_codebook(opts.format)
+    except ValueError as e:
+        raise DAQError(str(e)) from None
+    if opts.group_size not in SUPPORTED_GROUP_SIZES:
+        raise DAQError(
+            f"group size {opts.group_size} is not supported; choose one of "
+            f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+        )
+    if opts.compensation is not None and opts.ldra is None:
+        raise DAQError(
+            f"--rounding gptq needs calibration statistics; use it with --method daq, not {opts.init.method}"
+        )
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DAQError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")

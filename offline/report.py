@@ -1,0 +1,97 @@
+"""What a run records: per-linear errors, `quantization_report.json`, and the provenance in config.json.
+
+The report's layout is read by people and tests alike: `layers[i]["linears"][name]` holds
+`rel_error` and, for calibrated runs, `ldra_loss` and `full_loss` as [before, after] pairs; each
+layer entry has its `mean_rel_error`. The resume store keeps the same per-linear dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daq_vllm import __version__
+from daq_vllm.format import Codebook, DAQFormat
+
+from .options import QuantizeOptions
+
+REPORT_FILE = "quantization_report.json"
+
+
+@dataclass
+class LinearReport:
+    """How well one linear was quantized.
+
+    `rel_error` is ||W_hat - W|| / ||W||; `ldra_loss` LDRA's summed group loss before and after
+    tuning; `full_loss` the full-H output loss before and after error-compensated rounding.
+    """
+
+    rel_error: float
+    ldra_loss: tuple[float, float] | None = None
+    full_loss: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's JSON entry: the losses a run computed, then `rel_error`."""
+        entry: dict[str, Any] = {}
+        if self.ldra_loss is not None:
+            entry["ldra_loss"] = list(self.ldra_loss)
+        if self.full_loss is not None:
+            entry["full_loss"] = list(self.full_loss)
+        entry["rel_error"] = self.rel_error
+        return entry
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> LinearReport:
+        """Inverse of `to_dict` (a resumed layer's saved entries)."""
+        return cls(entry["rel_error"], _pair(entry.get("ldra_loss")), _pair(entry.get("full_loss")))
+
+
+def _pair(values: list[float] | None) -> tuple[float, float] | None:
+    return None if values is None else (values[0], values[1])
+
+
+def layer_entry(layer: int | str, linears: dict[str, LinearReport]) -> dict[str, Any]:
+    """One entry of the report's `layers`: a decoder layer's index (or the head's name) and its linears."""
+    mean = sum(r.rel_error for r in linears.values()) / max(len(linears), 1)
+    return {"layer": layer, "mean_rel_error": mean, "linears": {n: r.to_dict() for n, r in linears.items()}}
+
+
+def provenance(opts: QuantizeOptions, source_path: str) -> dict[str, Any]:
+    """How the checkpoint was made: tool, method and every spec, so a run can be repeated."""
+    calibrated = opts.ldra is not None
+    return {
+        "tool": "daq-vllm",
+        "tool_version": __version__,
+        "method": opts.method_name(),
+        "init": asdict(opts.init),
+        "ldra": asdict(opts.ldra) if calibrated else None,
+        "compensation": asdict(opts.compensation) if opts.compensation is not None else None,
+        "calibration": {**asdict(opts.calib), "sequential": opts.sequential} if calibrated else None,
+        "source": source_path,
+        "skip": list(opts.skip),
+    }
+
+
+def checkpoint_format(
+    codebook: Codebook, opts: QuantizeOptions, not_converted: list[str], source_path: str
+) -> DAQFormat:
+    """The checkpoint's `quantization_config`."""
+    return DAQFormat(
+        format=codebook.name,
+        bits=codebook.bits,
+        group_size=opts.group_size,
+        codebook=list(codebook.values),
+        modules_not_converted=not_converted,
+        provenance=provenance(opts, source_path),
+    )
+
+
+def build_report(fmt: DAQFormat, quantized_linears: int, seconds: float, layers: list[dict]) -> dict[str, Any]:
+    """The content of `quantization_report.json`."""
+    return {
+        "format": fmt.to_dict(),
+        "bits_per_weight": fmt.bits_per_weight,
+        "quantized_linears": quantized_linears,
+        "seconds": round(seconds, 2),
+        "layers": layers,
+    }
