@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # transformers is imported lazily, when a model is opened
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+# README.md: the source's model card; the checkpoint gets its own (model_card.py)
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
 
 
 @dataclass
@@ -211,9 +212,10 @@ def _meta_skeleton(config: PretrainedConfig) -> nn.Module:
         ) from None
 
 
-def open_model(path_str: str) -> ModelSource:
-    """Open a model for quantization, or raise DAQError naming what is wrong."""
-    path = resolve_model_path(path_str)
+def open_model(path_str: str, revision: str | None = None) -> ModelSource:
+    """Open a model (a directory, a .gguf file or a Hub ID at `revision`) for quantization, or raise
+    DAQError naming what is wrong. A Hub ID opens its cached snapshot folder: `source.path`."""
+    path = resolve_model_path(path_str, revision)
     if path.is_file():
         return InMemorySource(path, *load_gguf(path))
     config = _load_config(path)

@@ -62,6 +62,7 @@ class QuantizeOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    revision: str | None = None  # of a Hub model ID: a branch, tag or commit (None: main)
 
     def method_name(self) -> str:
         """The recipe these options follow ("daq", "rtn+gptq"...); a calibrated run from another

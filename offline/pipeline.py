@@ -32,6 +32,7 @@ from .checkpoint_writer import ShardedWriter, commit_output, prepare_output
 from .compensated import compensate
 from .layer_calibration import LayerCalibration
 from .ldra import quantize_weight_ldra
+from .model_card import CARD_FILE, model_card
 from .model_source import DecoderLayer, ModelSource, open_model
 from .moments import SecondMoments
 from .options import QuantizeOptions, check_options
@@ -160,10 +161,12 @@ def _add_all(writer: ShardedWriter, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _write_config(tmp: Path, source: ModelSource, fmt: DAQFormat, report: dict, tied_head: bool) -> None:
-    """The report, the source's side files, and config.json last (what makes a directory a checkpoint)."""
+    """The report, the source's side files, the model card (README.md), and config.json last (what
+    makes a directory a checkpoint)."""
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     source.copy_side_files(tmp)
     config = source.config_dict()
+    (tmp / CARD_FILE).write_text(model_card(report, fmt, str(source.path), config))
     config["quantization_config"] = fmt.to_dict()
     if tied_head:
         config["tie_word_embeddings"] = False
@@ -201,7 +204,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
     if out.exists() and not opts.overwrite:  # fail before the (slow) model load
         raise DAQError(f"output directory {out} already exists; choose another --out or pass --overwrite")
     t0 = time.time()
-    source = open_model(model_path)
+    source = open_model(model_path, opts.revision)
     codebook = get_codebook(opts.format)
     targets = plan_targets(source, opts)
     quantizer = LinearQuantizer(source, codebook, opts)

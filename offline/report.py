@@ -12,6 +12,7 @@ from typing import Any
 
 from daq_vllm import __version__
 from daq_vllm.format import Codebook, DAQFormat
+from daq_vllm.model_files import hub_ref_of
 
 from .options import QuantizeOptions
 
@@ -57,8 +58,13 @@ def layer_entry(layer: int | str, linears: dict[str, LinearReport]) -> dict[str,
 
 
 def provenance(opts: QuantizeOptions, source_path: str) -> dict[str, Any]:
-    """How the checkpoint was made: tool, method and every spec, so a run can be repeated."""
+    """How the checkpoint was made: tool, method and every spec, so a run can be repeated.
+
+    A model read from the Hub cache (`source_path` a snapshot folder) also records its `hub_id` and
+    `revision` (the snapshot's commit hash).
+    """
     calibrated = opts.ldra is not None
+    hub = hub_ref_of(source_path)
     return {
         "tool": "daq-vllm",
         "tool_version": __version__,
@@ -68,6 +74,7 @@ def provenance(opts: QuantizeOptions, source_path: str) -> dict[str, Any]:
         "compensation": asdict(opts.compensation) if opts.compensation is not None else None,
         "calibration": {**asdict(opts.calib), "sequential": opts.sequential} if calibrated else None,
         "source": source_path,
+        **({"hub_id": hub[0], "revision": hub[1]} if hub else {}),
         "skip": list(opts.skip),
     }
 

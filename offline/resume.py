@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from daq_vllm import __version__
 from daq_vllm.errors import DAQError
+from daq_vllm.model_files import resolve_model_path
 
 from .options import QuantizeOptions
 
@@ -33,7 +34,7 @@ def run_fingerprint(model_path: str, opts: QuantizeOptions) -> dict[str, Any]:
     keep = asdict(opts)
     for volatile in _VOLATILE_OPTIONS:
         keep.pop(volatile)
-    path = Path(model_path).expanduser().resolve()
+    path = resolve_model_path(model_path, opts.revision).resolve()  # a Hub ID: its snapshot folder
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"model": str(path), "files": stats, "options": keep, "version": __version__}

@@ -14,8 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..offline.ranges import DCA_CENTERS, INIT_METHODS
 
     p = sub.add_parser("quantize", help="quantize a model into a DAQ checkpoint")
-    p.add_argument("model", help="Hugging Face model directory or .gguf file")
+    p.add_argument("model", help="Hugging Face model directory, Hub ID (ORG/NAME) or .gguf file")
     p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="branch, tag or commit of a Hub model ID (default: main)")
     p.add_argument("--format", default="fp4_e2m1", choices=list(CODEBOOKS), help="codebook (default: fp4_e2m1)")
     p.add_argument("--group-size", type=int, default=128,
                    help=f"inputs per group, one of {SUPPORTED_GROUP_SIZES} (default: 128)")
@@ -34,7 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10, help="sign solver: epochs (default: 10)")
     p.add_argument("--iters", type=int, default=100, help="sign solver: iterations per epoch (default: 100)")
     p.add_argument("--calib", default="wikitext2-valid",
-                   help="calibration text: wikitext2-valid (packaged), PATH.txt, PATH.jsonl, hf:NAME[:CONFIG[:SPLIT]]")
+                   help="calibration data: wikitext2-valid (packaged), PATH.txt, records (PATH.jsonl, PATH.parquet, "
+                        "a folder saved by datasets' save_to_disk) or hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--calib-field", default="text", metavar="NAME",
+                   help="the text field of each record / the Hub dataset's column (default: text)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render records' \"messages\" ([{role, content}, ...]) with the tokenizer's chat template")
     p.add_argument("--nsamples", type=int, default=128, help="calibration blocks (default: 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
@@ -75,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})),
         format=args.format,
         group_size=args.group_size,
-        calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        field=args.calib_field, chat_template=args.chat_template),
         sequential=args.sequential,
         resume=args.resume,
         skip=args.skip,
@@ -84,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_bytes=int(args.max_shard_size * 1024**3),
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        revision=args.revision,
     )
     report = quantize_model(args.model, args.out, opts)
     print(

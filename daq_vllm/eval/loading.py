@@ -15,8 +15,12 @@ from ..model_files import load_gguf, resolve_model_path
 EVAL_KERNEL = "dense"
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu", kernel: str | None = None):
-    """Return `(model, tokenizer)` for a model directory (DAQ or not) or a .gguf file, in eval mode.
+def load(
+    path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu", kernel: str | None = None,
+    revision: str | None = None,
+):
+    """Return `(model, tokenizer)` for a model directory (DAQ or not), a .gguf file or a Hugging Face
+    Hub model ID (at `revision`; read from the Hub cache or downloaded), in eval mode.
 
     DAQ checkpoints load through transformers' quantizer registry (registered on `import daq_vllm`):
     their linears become `DAQLinear` modules holding the packed tensors. Their kernel is chosen for
@@ -26,7 +30,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = resolve_model_path(path)
+    p = resolve_model_path(path, revision)
     if p.is_file():
         model, tokenizer = load_gguf(p, dtype or torch.float32)
     else:

@@ -1,7 +1,8 @@
 """`daq-vllm serve` end to end: vLLM's OpenAI server on 127.0.0.1, one server for the module (~1 min to start).
 
 Every answer is compared with transformers' greedy output for the same checkpoint, token by token
-(`return_token_ids`), and streamed answers with the non-streamed ones.
+(`return_token_ids`), and streamed answers with the non-streamed ones. The server starts with no memory
+flags and no VLLM_CPU_KVCACHE_SPACE: on CPU, serve's own KV cache default is what makes it fit.
 """
 
 import os
@@ -55,7 +56,7 @@ def server(tmp_path_factory):
     (root / "chat.jinja").write_text(CHAT_TEMPLATE)
     port = free_port()
     log = root / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daq_vllm.cli", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
@@ -87,6 +88,18 @@ def complete(client, prompt: str, max_tokens: int = MAX_TOKENS):
     r = client.completions.create(model="tiny-daq", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                   extra_body={"return_token_ids": True})
     return r.choices[0].token_ids, r.choices[0].text
+
+
+def test_serve_chose_the_kv_cache_on_cpu(server, client):
+    """No --gpu-memory-utilization, no VLLM_CPU_KVCACHE_SPACE: serve picked a size that fits, and it answers."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the KV cache default is for CPU machines")
+    lines = [line for line in server.log_text().splitlines() if line.startswith("daq-vllm: KV cache ")]
+    assert len(lines) == 1 and lines[0].endswith(" GiB); override with VLLM_CPU_KVCACHE_SPACE or "
+                                                 "--gpu-memory-utilization"), lines
+    assert complete(client, PROMPTS[0])[0]
 
 
 def test_completions_equal_transformers_greedy(server, client):
@@ -139,8 +152,9 @@ def test_a_server_that_fails_to_start_ends_with_one_line(server):
                           capture_output=True, text=True, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("daq-vllm")]
     assert proc.returncode == 2 and len(ours) == 1, proc.stderr[-3000:]
-    assert "the vLLM server exited with code 2 during start-up" in ours[0]
-    assert "max-model-len" in proc.stderr  # vLLM's own message, above ours
+    assert "the vLLM server exited with code 2 during start-up: " in ours[0]
+    assert "error: argument --max-model-len" in ours[0]  # vLLM's reason, taken from its log
+    assert "max-model-len" in proc.stderr.split(ours[0])[0]  # vLLM's own message, streamed above ours
 
 
 def test_ctrl_c_stops_the_server_and_its_engine(server):
