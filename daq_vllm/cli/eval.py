@@ -66,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write_card:
         card_dir(args.model)
     if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
+        _hide_transformers_bars()
     model, tokenizer = load(args.model, device=args.device, kernel=EVAL_KERNEL, revision=args.revision)
     result = wikitext2_perplexity(model, tokenizer, args.seqlen, args.max_windows, args.data,
                                   progress=not args.no_progress, task=args.ppl)
@@ -96,9 +94,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if flag == "num_fewshot" else 1):
             raise DAQError(f"--{flag.replace('_', '-')} must be at least {0 if flag == 'num_fewshot' else 1}")
     if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _hide_transformers_bars()
     results = harness.run_tasks(
         args.model, harness.parse_tasks(args.tasks), backend=args.backend or "hf", include_path=args.include_path,
         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
@@ -106,3 +102,10 @@ def run_tasks(args: argparse.Namespace) -> int:
     )
     print(harness.results_json(results) if args.json else harness.table(results))
     return 0
+
+
+def _hide_transformers_bars() -> None:
+    """`--no-progress` also silences transformers' own bars ("Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
