@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DAQError
+from .errors import DAQError, describe
 
 _WHAT = "pass a Hugging Face model directory, a .gguf file or a Hub model ID (org/name)"
 
@@ -138,6 +138,6 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise DAQError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+        raise DAQError(f"cannot read GGUF file {path}: {describe(e)}") from None
     strip_gguf_marker(model)
     return model, tokenizer

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daq_vllm.errors import DAQError
+from daq_vllm.errors import DAQError, describe
 
 RECORD_SOURCES = "PATH.jsonl, PATH.parquet or a folder saved by datasets' save_to_disk"  # records: a field each
 PLAIN_ALTERNATIVES = "or use a --calib PATH.txt / PATH.jsonl"
@@ -56,7 +56,7 @@ def _parquet_records(path: Path) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # not parquet, truncated: one line
-        raise DAQError(f"could not read {path} as parquet ({_one_line(e)})") from None
+        raise DAQError(f"could not read {path} as parquet ({describe(e)})") from None
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
 
 
@@ -72,7 +72,7 @@ def _saved_dataset_records(path: Path) -> list[Record]:
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DAQError(f"could not load {path} with datasets.load_from_disk ({_one_line(e)})") from None
+        raise DAQError(f"could not load {path} with datasets.load_from_disk ({describe(e)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[_pick_split(path, list(dataset))]
     return [(f"{path} row {i}", row) for i, row in enumerate(dataset.to_list(), 1)]
@@ -122,11 +122,6 @@ def chat_renderer(tokenizer) -> Render:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as e:  # template errors (roles it refuses, missing keys): one line
-            raise DAQError(f"--chat-template: the chat template failed on a record ({_one_line(e)})") from None
+            raise DAQError(f"--chat-template: the chat template failed on a record ({describe(e)})") from None
 
     return render
-
-
-def _one_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

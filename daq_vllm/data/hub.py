@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from ..errors import DAQError
+from ..errors import DAQError, describe
 
 HUB_PREFIX = "hf:"
 HUB_FORMAT = "hf:NAME[:CONFIG[:SPLIT]]"
@@ -41,12 +41,6 @@ def parse_hub_source(source: str, default_split: str) -> HubText:
     return HubText(name, config or None, split or default_split)
 
 
-def _one_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    message = lines[0][:200] if lines else ""
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
 def require_datasets(spec: HubText, alternatives: str) -> ModuleType:
     """The optional `datasets` module; callers may ask early, before loading a model they could not use."""
     try:
@@ -66,7 +60,7 @@ def hub_text(spec: HubText, alternatives: str, field: str = "text") -> str:
     try:
         dataset = datasets.load_dataset(spec.name, spec.config, split=spec.split)
     except Exception as e:  # network, unknown name/config/split, cache misses: all end the same way
-        raise DAQError(f"could not load Hub dataset {spec} ({_one_line(e)}); it needs network access, or a cached "
+        raise DAQError(f"could not load Hub dataset {spec} ({describe(e)}); it needs network access, or a cached "
                        f"copy with HF_DATASETS_OFFLINE=1; or use {alternatives}") from None
     if field not in dataset.column_names:
         raise DAQError(f"Hub dataset {spec} has no \"{field}\" column (it has {', '.join(dataset.column_names)}); "

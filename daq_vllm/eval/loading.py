@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DAQError
+from ..errors import DAQError, describe
 from ..integrations.transformers import select_kernels
 from ..model_files import load_gguf, resolve_model_path
 
@@ -41,8 +41,7 @@ def load(
         except DAQError:
             raise
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DAQError(f"cannot load {p}: {first}") from None
+            raise DAQError(f"cannot load {p}: {describe(e)}") from None
     model = model.to(device).eval()
     select_kernels(model, kernel)
     return model, tokenizer
