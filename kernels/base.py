@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from daq_vllm.errors import DAQError
 from daq_vllm.format import DAQFormat
 from daq_vllm.format.codebooks import decode_kind
 
@@ -63,9 +64,17 @@ class LinearKernel(ABC):
         """(True, None), or (False, why not) in words a user can act on."""
 
     def prepare(self, layer: torch.nn.Module) -> None:
-        """Once, after the packed tensors are loaded: freeze them and add the codebook buffer."""
+        """Once, after the packed tensors are loaded: check and freeze them, add the codebook buffer.
+
+        A NaN or infinite scale or offset would turn whole outputs to NaN at run time, far from
+        its cause; it is refused here, at load, for every kernel.
+        """
         for name in ("qweight", "scales", "offsets"):
             getattr(layer, name).requires_grad_(False)
+        for name in ("scales", "offsets"):
+            if not torch.isfinite(getattr(layer, name)).all():
+                raise DAQError(f"the {name} of a DAQ linear {self.spec.describe()} hold NaN or infinity: the "
+                               "checkpoint is corrupt; quantize the model again")
         codebook = torch.tensor(self.spec.codebook, dtype=torch.float32, device=layer.qweight.device)
         layer.register_buffer("codebook", codebook, persistent=False)
 

@@ -15,14 +15,15 @@ from collections.abc import Sequence
 from daq_vllm.errors import DAQError
 
 from .base import LinearKernel, LinearSpec
+from .cpu_linear import CpuKernel
 from .torch_linear import DenseKernel, TorchKernel
 from .triton_linear import TritonKernel
 
 logger = logging.getLogger("daq_vllm.kernels")
 
-KERNELS: dict[str, type[LinearKernel]] = {k.name: k for k in (TritonKernel, TorchKernel, DenseKernel)}
+KERNELS: dict[str, type[LinearKernel]] = {k.name: k for k in (TritonKernel, CpuKernel, TorchKernel, DenseKernel)}
 # Automatic choice, fastest first; `dense` (full-precision memory) is chosen only by name.
-PRIORITY: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch")}
+PRIORITY: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 DEFAULT_PRIORITY: tuple[str, ...] = ("torch",)
 _logged: set[tuple[LinearSpec, str]] = set()
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from daq_vllm.kernels.cpu_build import HEADERS, SOURCES
+
+CPU_SOURCES = (*SOURCES, *HEADERS)  # compiled on the user's machine: they must ship
 ROOT = Path(__file__).resolve().parent.parent
 MAX_WHEEL_BYTES = 10 * 1024 * 1024
 DATA_FILES = ("daq_vllm/data/wikitext-2/wiki.test.raw.xz", "daq_vllm/data/wikitext-2/wiki.valid.tokens.xz",
@@ -35,6 +38,7 @@ def test_wheel_contains_the_packages_and_the_data(wheel):
     for module in ("daq_vllm/__init__.py", "daq_vllm/cli/main.py", "daq_vllm/integrations/vllm/__init__.py",
                    "daq_vllm/integrations/vllm/linear.py", "daq_vllm/offline/pipeline.py",
                    "daq_vllm/kernels/packing.py", "daq_vllm/kernels/triton_gemm.py", "daq_vllm/format/config.py",
+                   "daq_vllm/kernels/cpu_build.py", *(f"daq_vllm/kernels/csrc/{f}" for f in CPU_SOURCES),
                    "daq_vllm/data/wikitext.py", "daq_vllm/data/hub.py", *DATA_FILES):
         assert module in names, module
     assert not any(n.startswith(("offline/", "kernels/", "tests/")) for n in names)

@@ -33,15 +33,15 @@ def greedy(checkpoint, monkeypatch, kernel: str) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_torch_dense_and_triton_kernels_give_equal_greedy_tokens(checkpoint, monkeypatch):
+def test_every_kernel_gives_equal_greedy_tokens(checkpoint, monkeypatch):
     try:
         import triton  # noqa: F401
     except ImportError:
         require(False, "triton is not installed")
     assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest: Triton runs on CPU tensors
-    tokens = {kernel: greedy(checkpoint, monkeypatch, kernel) for kernel in ("torch", "dense", "triton")}
+    tokens = {kernel: greedy(checkpoint, monkeypatch, kernel) for kernel in ("torch", "dense", "triton", "cpu")}
     assert len(tokens["torch"]) == 5
-    assert tokens["torch"] == tokens["dense"] == tokens["triton"]
+    assert tokens["torch"] == tokens["dense"] == tokens["triton"] == tokens["cpu"]
 
 
 def test_forcing_a_kernel_that_cannot_run_fails_eval_with_one_line(checkpoint):

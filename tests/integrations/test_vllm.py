@@ -77,7 +77,7 @@ def kernels_used(model) -> dict[str, tuple[str, int, int]]:
 
 def test_each_daq_layer_holds_the_kernel_chosen_for_it(engine):
     used = engine.apply_model(kernels_used)[0]
-    assert {kernel for kernel, _, _ in used.values()} == {"torch"}  # CPU: the torch kernel
+    assert {kernel for kernel, _, _ in used.values()} == {"cpu"}  # CPU: the C++ kernel, no flag needed
     assert used["model.layers.1.mlp.gate_up_proj"][1:] == (640, 192)  # fused gate+up: 2 x 320 outputs
 
 

@@ -27,7 +27,8 @@ def test_the_decode_kind_comes_from_the_codebook_values():
 
 
 def test_priority_per_device():
-    assert choose_kernel(spec(device="cpu")).name == "torch"
+    assert choose_kernel(spec(device="cpu")).name == "cpu"
+    assert choose_kernel(spec(device="mps")).name == "torch"
     assert choose_kernel(spec(device="cuda", dtype=torch.float16)).name == "triton"
 
 
@@ -39,18 +40,18 @@ def test_cuda_falls_back_to_torch_when_triton_is_disabled(monkeypatch):
 def test_preferred_kernels_come_first_but_never_an_unable_one(monkeypatch):
     assert choose_kernel(spec(), ["dense"]).name == "dense"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert choose_kernel(spec(), ["triton"]).name == "torch"  # triton cannot run on CPU: next in line
+    assert choose_kernel(spec(), ["triton"]).name == "cpu"  # triton cannot run on CPU: next in line
 
 
 def test_no_kernel_left_joins_every_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("DAQ_DISABLED_KERNELS", "torch")
+    monkeypatch.setenv("DAQ_DISABLED_KERNELS", "cpu,torch")
     with pytest.raises(DAQError) as err:
         choose_kernel(spec(), ["triton"])
     message = str(err.value)
     assert "\n" not in message and message.startswith("no DAQ kernel can run the layer [48, 96] 4-bit g64 e2m1")
     assert "triton: needs a CUDA device (or TRITON_INTERPRET=1 on CPU), the layer is on cpu" in message
-    assert "torch: disabled by DAQ_DISABLED_KERNELS" in message
+    assert "cpu: disabled by DAQ_DISABLED_KERNELS; torch: disabled by DAQ_DISABLED_KERNELS" in message
 
 
 def test_forcing_a_kernel_that_cannot_run_names_it_and_why(monkeypatch):
@@ -79,8 +80,8 @@ def test_the_choice_is_logged_once_per_distinct_spec(caplog):
         choose_kernel(first)
     choose_kernel(spec(n=1001))
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["DAQ kernel torch chosen for [1000, 96] 4-bit g64 e2m1 float32 on cpu",
-                     "DAQ kernel torch chosen for [1001, 96] 4-bit g64 e2m1 float32 on cpu"]
+    assert lines == ["DAQ kernel cpu chosen for [1000, 96] 4-bit g64 e2m1 float32 on cpu",
+                     "DAQ kernel cpu chosen for [1001, 96] 4-bit g64 e2m1 float32 on cpu"]
 
 
 def test_the_triton_kernel_refuses_other_activation_dtypes():
