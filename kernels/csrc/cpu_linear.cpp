@@ -24,8 +24,8 @@ bool cpu_has_avx512() { return cpu_has_avx2() && __builtin_cpu_supports("avx512f
 namespace {
 
 constexpr int kScalarBN = kBlockN[kScalar];
-// Decoded weights per prefill tile (fp32): 4 MiB, reused across the tiles of one call.
-constexpr int64_t kTileWeights = int64_t{1} << 20;
+// Decoded weights per prefill tile (fp32): 1 MiB, about one core's L2, so the GEMM reads it from there.
+constexpr int64_t kTileWeights = int64_t{1} << 18;
 // Below this many weights a layer runs on one thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelWeights = int64_t{1} << 16;
 
@@ -125,7 +125,10 @@ void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block
                const at::Tensor& y) {
   const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
   const int64_t ld = tile_blocks * block_n;
-  at::Tensor w_t = at::empty({p.k, ld}, x.options());
+  // Reused across calls: a fresh multi-MiB buffer per call would page-fault on every first touch.
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < p.k * ld) buffer = at::empty({p.k * ld}, x.options());
+  const at::Tensor w_t = buffer.narrow(0, 0, p.k * ld).view({p.k, ld});
   float* w_ptr = w_t.data_ptr<float>();
   for (int64_t b0 = 0; b0 < blocks; b0 += tile_blocks) {
     const int64_t b1 = std::min(blocks, b0 + tile_blocks);
