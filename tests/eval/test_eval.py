@@ -243,3 +243,20 @@ def test_eval_on_a_hub_dataset(capsys, monkeypatch, tiny_llama):
 def test_eval_on_a_hub_dataset_without_datasets(capsys, monkeypatch, tiny_llama):
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert "pip install datasets" in eval_error(capsys, str(tiny_llama), "--ppl", "hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_eval_of_a_checkpoint_with_nan_scales_fails_at_load_in_one_line(capsys, tmp_path):
+    from helpers import edit_shard, make_daq_checkpoint
+
+    checkpoint = make_daq_checkpoint(tmp_path)
+    name = "model.layers.0.mlp.down_proj.scales"
+
+    def poison(tensors):
+        tensors[name][1, 0] = float("nan")
+
+    edit_shard(checkpoint, name, poison)
+    capsys.readouterr()  # the quantizer's own output
+    assert cli.main(["eval", str(checkpoint), "--max-windows", "1", "--seqlen", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "the scales of a DAQ linear [192, 320]" in err and "hold NaN or infinity: the checkpoint is corrupt" in err
