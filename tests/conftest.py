@@ -27,6 +27,18 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernel_built() -> None:
+    """Build the C++ CPU kernel once, first: a test's subprocess then loads it from the cache instead
+    of printing the one-time "compiling" line into the stderr the test checks."""
+    from daq_vllm.kernels.cpu_build import CpuKernelUnavailable, ensure_loaded
+
+    try:
+        ensure_loaded()
+    except CpuKernelUnavailable:
+        pass  # tests/kernels/test_cpu_kernel.py fails (CI) or skips with the reason
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
