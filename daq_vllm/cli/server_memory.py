@@ -100,7 +100,7 @@ def free_memory_bytes() -> int | None:
     return min(candidates) if candidates else None
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     try:
         import torch
     except ImportError:
@@ -114,7 +114,7 @@ def cpu_defaults(path: Path, server_args: list[str], env: dict[str, str]) -> lis
         return []
     if "-h" in server_args or "--help" in server_args or any(a.startswith("--help=") for a in server_args):
         return []
-    if not _on_cpu():
+    if not on_cpu():
         return []
     free = free_memory_bytes()
     if free is None:

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from daq_vllm import cli
-from daq_vllm.cli import serve, server_args, server_log, server_memory
+from daq_vllm.cli import serve, server_args, server_dtype, server_log, server_memory
 from helpers import edit_shard, make_daq_checkpoint
 
 
@@ -145,7 +145,7 @@ def test_the_telling_line_of_a_failed_start_up():
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    monkeypatch.setattr(server_memory, "_on_cpu", lambda: True)
+    monkeypatch.setattr(server_memory, "on_cpu", lambda: True)
     monkeypatch.setattr(server_memory, "free_memory_bytes", lambda: 12 * GiB)
 
 
@@ -192,6 +192,7 @@ def test_the_log_is_streamed_and_a_failed_start_ends_with_its_reason(
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.setattr(serve, "SERVER_MODULE", "fake_vllm_server")
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(server_dtype, "native_bf16", lambda: True)  # no --dtype added: the fake echoes the last arg
     code = cli.main(["serve", str(daq_dir), "--port", str(free_port()), "--served-model-name", log_line])
     captured = capsys.readouterr()
     assert captured.out.startswith("daq-vllm: KV cache 4 GiB on CPU")
@@ -208,3 +209,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("native, args, added", [
+    (False, [], ["--dtype", "float32"]),
+    (False, ["--dtype", "bfloat16"], []),
+    (False, ["--dtype=auto"], []),
+    (True, [], []),
+])
+def test_float32_on_a_cpu_without_native_bfloat16_unless_chosen(monkeypatch, capsys, native, args, added):
+    monkeypatch.setattr(server_dtype, "native_bf16", lambda: native)
+    assert server_dtype.cpu_dtype(args) == added
+    said = capsys.readouterr().out
+    assert said == ("daq-vllm: --dtype float32: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so vLLM's "
+                    "default bfloat16 would run about 4x slower; pass --dtype to choose\n" if added else "")
