@@ -35,7 +35,6 @@ from common import (  # noqa: E402
 )
 
 from daq_vllm import load  # noqa: E402
-from daq_vllm.eval.loading import EVAL_KERNEL  # noqa: E402
 from daq_vllm.eval.perplexity import perplexity, task_text, tokenize_text  # noqa: E402
 from daq_vllm.integrations.transformers import DAQLinear  # noqa: E402
 
@@ -81,7 +80,7 @@ def markdown(payload: dict) -> str:
              f"Device: {a['device']}. CPU: {cpu_line(payload['cpu'])}. WikiText-2 test, first {a['windows']} "
              f"window(s) of {a['seqlen']} tokens{'; --quick setting' if a['quick'] else ''}. "
              f"Measured {payload['date']}. {contention_line(payload['others_busy'])}",
-             f"DAQ rows load with the preferred kernel named in the row (`daq-vllm eval` prefers `{EVAL_KERNEL}`); "
+             "DAQ rows load with the preferred kernel named in the row (`daq-vllm eval` takes the device's default); "
              "`kernel` is what the DAQ linears computed with. Load time includes reading the checkpoint and the "
              "kernels' `prepare` (and, for the first row, one-time imports).", "",
              "| model | kernel | load s | s / window | tokens/s | PPL |", "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -97,8 +96,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", type=Path, help="full-precision model dir (default: SmolLM2-135M fp32)")
     ap.add_argument("--daq", type=Path, help="DAQ checkpoint (default: SmolLM2 quantized with the default settings)")
-    ap.add_argument("--daq-kernels", nargs="+", default=[EVAL_KERNEL],
-                    help=f"preferred kernel of each DAQ row (default: {EVAL_KERNEL}, what daq-vllm eval uses)")
+    ap.add_argument("--daq-kernels", nargs="+", default=["default", "dense"],
+                    help="preferred kernel of each DAQ row; `default`: the device's choice, what daq-vllm eval uses "
+                         "(default: default dense)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
@@ -117,7 +117,7 @@ def main() -> None:
     start, t0 = cpu_seconds(), time.perf_counter()
     rows = {FULL_ROW: measure(full, None, args)}
     for kernel in args.daq_kernels:
-        rows[f"DAQ, prefers {kernel or 'the default'}"] = measure(daq, kernel, args)
+        rows[f"DAQ, prefers {kernel}"] = measure(daq, None if kernel == "default" else kernel, args)
     for name, r in rows.items():
         print(f"{name} ({r['kernel']}): {r['s_per_window']:.2f} s/window, load {r['load_s']:.1f} s", flush=True)
     payload = {"cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M"),

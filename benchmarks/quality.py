@@ -25,7 +25,6 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # noqa: E402
 
 from daq_vllm import load  # noqa: E402
-from daq_vllm.eval.loading import EVAL_KERNEL  # noqa: E402
 from daq_vllm.eval.perplexity import PerplexityResult, wikitext2_perplexity  # noqa: E402
 from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec  # noqa: E402
@@ -44,7 +43,7 @@ DEFAULT_ROWS = [
 
 
 def evaluate(model_dir, windows: int) -> PerplexityResult:
-    model, tokenizer = load(model_dir, kernel=EVAL_KERNEL)
+    model, tokenizer = load(model_dir)
     return wikitext2_perplexity(model, tokenizer, 2048, windows, progress=False)
 
 

@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.card import card_dir, write_eval_to_card
-    from ..eval.loading import EVAL_KERNEL, load
+    from ..eval.loading import load
     from ..eval.perplexity import check_task, wikitext2_perplexity
 
     if args.tasks is not None:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         card_dir(args.model)
     if args.no_progress:
         _hide_transformers_bars()
-    model, tokenizer = load(args.model, device=args.device, kernel=EVAL_KERNEL, revision=args.revision)
+    model, tokenizer = load(args.model, device=args.device, revision=args.revision)
     result = wikitext2_perplexity(model, tokenizer, args.seqlen, args.max_windows, args.data,
                                   progress=not args.no_progress, task=args.ppl)
     if args.json:

@@ -77,12 +77,12 @@ def quantize(full: Path, work: Path) -> Path:
 
 def evaluate(full: Path, daq: Path, windows: int, work: Path) -> dict:
     def compute() -> dict:
-        from ..eval.loading import EVAL_KERNEL, load
+        from ..eval.loading import load
         from ..eval.perplexity import wikitext2_perplexity
 
         result = {}
         for name, path in (("full", full), ("daq", daq)):
-            model, tokenizer = load(path, kernel=EVAL_KERNEL)
+            model, tokenizer = load(path)
             result[name] = wikitext2_perplexity(model, tokenizer, 2048, windows).perplexity
             print(f"   {name}: PPL {result[name]:.3f}", flush=True)
         return result

@@ -143,10 +143,10 @@ def run_tasks(
     path = resolve_model_path(model, revision)
     common = dict(tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False)
     if backend == "hf":
-        from .loading import EVAL_KERNEL, load
+        from .loading import load
 
-        loaded, tokenizer = load(path, device=device, kernel=EVAL_KERNEL)
-        shown = f"pretrained={path},kernel={EVAL_KERNEL}"
+        loaded, tokenizer = load(path, device=device)
+        shown = f"pretrained={path}"
         with _stdout_to_stderr():
             results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": loaded, "tokenizer": tokenizer},
                                               batch_size=batch_size or 1, device=device, **common)

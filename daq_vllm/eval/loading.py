@@ -11,9 +11,6 @@ from ..errors import DAQError, describe
 from ..integrations.transformers import select_kernels
 from ..model_files import load_gguf, resolve_model_path
 
-# Evaluation runs many long windows: decode each weight once (full-precision memory) instead of per call.
-EVAL_KERNEL = "dense"
-
 
 def load(
     path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu", kernel: str | None = None,
@@ -24,8 +21,9 @@ def load(
 
     DAQ checkpoints load through transformers' quantizer registry (registered on `import daq_vllm`):
     their linears become `DAQLinear` modules holding the packed tensors. Their kernel is chosen for
-    `device` once the model is there; `kernel` names a preferred one (e.g. `dense` for evaluation:
-    dequantized once, at full-precision memory). `dtype` defaults to the checkpoint's own (float32
+    `device` once the model is there (on CPU the `cpu` kernel, whose prefill path makes evaluation as
+    fast as fp32 at packed memory); `kernel` names a preferred one (e.g. `dense`: dequantized once,
+    at full-precision memory). `dtype` defaults to the checkpoint's own (float32
     for GGUF files).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

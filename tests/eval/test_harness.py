@@ -86,7 +86,7 @@ def test_hf_backend_on_a_daq_checkpoint(checkpoint, task_dir):
     require(HAVE_LM_EVAL, "lm-eval is not installed (pip install 'daq-vllm[eval]')")
     proc = daq_eval(checkpoint, "--tasks", TASK, "--include-path", task_dir, "--backend", "hf", "--limit", 8, "--json")
     out = check_json(proc, 8)
-    assert out["config"]["model_args"] == f"pretrained={checkpoint},kernel=dense"
+    assert out["config"]["model_args"] == f"pretrained={checkpoint}"
     assert out["config"]["limit"] == 8
 
 
