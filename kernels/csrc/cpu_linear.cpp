@@ -24,8 +24,8 @@ bool cpu_has_avx512() { return cpu_has_avx2() && __builtin_cpu_supports("avx512f
 namespace {
 
 constexpr int kScalarBN = kBlockN[kScalar];
-// Decoded weights per prefill tile (fp32): 1 MiB, about one core's L2, so the GEMM reads it from there.
-constexpr int64_t kTileWeights = int64_t{1} << 18;
+// Decoded weights per prefill tile (fp32, 4 MiB): small layers decode whole, and the GEMM keeps its width.
+constexpr int64_t kTileWeights = int64_t{1} << 20;
 // Below this many weights a layer runs on one thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelWeights = int64_t{1} << 16;
 
@@ -137,7 +137,12 @@ void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block
     });
     const int64_t n0 = b0 * block_n;
     const int64_t cols = std::min(p.n, b1 * block_n) - n0;
-    y.narrow(1, n0, cols).copy_(at::mm(x, w_t.narrow(1, 0, cols)));
+    if (cols == p.n) {
+      at::Tensor out = y;  // a handle to the same storage
+      at::mm_out(out, x, w_t.narrow(1, 0, cols));  // one tile holds the whole layer: no copy
+    } else {
+      y.narrow(1, n0, cols).copy_(at::mm(x, w_t.narrow(1, 0, cols)));
+    }
   }
 }
 
