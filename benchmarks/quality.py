@@ -5,6 +5,8 @@ Rows are METHOD-FORMAT: METHOD is a recipe of daq_vllm.offline.options.RECIPES: 
 WikiText-2 valid); a `seq` suffix (daqseq) calibrates with `--sequential` inputs (each layer on the
 quantized layers' outputs). Rows round to the nearest code unless a `+gptq` suffix (daq+gptq,
 daqseq+gptq) asks for error-compensated rounding onto the tuned grids (`--rounding gptq`).
+FORMAT is a codebook or `auto` (`--format auto`: per linear the candidate nf4, fp4_e2m1, int4 of
+lowest calibration loss; the row records how many linears took each).
 
 Each row runs the real pipeline (quantize -> write checkpoint -> load through transformers ->
 evaluate). Writes benchmarks/results/quality.md and .json after every row, so a long run that
@@ -26,7 +28,6 @@ from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # 
 
 from daq_vllm import load  # noqa: E402
 from daq_vllm.eval.perplexity import PerplexityResult, wikitext2_perplexity  # noqa: E402
-from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec  # noqa: E402
 from daq_vllm.offline.options import RECIPES, ROUNDINGS, QuantizeOptions, recipe_options  # noqa: E402
 from daq_vllm.offline.pipeline import quantize_model  # noqa: E402
@@ -88,6 +89,8 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "rtn/absmax/dca rows use no calibration; daq rows add LDRA (128 x 512 tokens of WikiText-2 valid);",
         "daqseq rows calibrate each layer on the quantized layers' outputs; +gptq rows re-choose the codes on the",
         "tuned grids with GPTQ-style error compensation (`--rounding gptq`; scales and offsets unchanged).",
+        "-auto rows choose each linear's codebook among nf4, fp4_e2m1, int4 by calibration loss (`--format auto`;",
+        "linears per codebook in quality.json's `formats`).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
         "ROW/nN rows calibrate on N blocks. `quantize s` is wall time with other jobs sharing the 2 cores;",
         "benchmarks/results/quant_speed.md has the idle timing.",
@@ -109,6 +112,8 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
 
 GOALS = (  # (what, DAQ rows considered, peer row, largest allowed fraction of the peer's PPL loss)
     ("best 4-bit DAQ row", lambda r: r["bits"] == 4, "gptq-int4", 0.5),
+    ("best 4-bit DAQ row (issue 18)", lambda r: r["bits"] == 4, "gptq-int4", 0.33),
+    ("daq+gptq-auto", lambda r: r["row"] == "daq+gptq-auto", "gptq-int4", 0.33),
     ("daq-fp4_e2m1 (nearest rounding)", lambda r: r["row"] == "daq-fp4_e2m1", "gptq-int4", 1.0),
     ("daq+gptq-fp4_e2m1", lambda r: r["row"] == "daq+gptq-fp4_e2m1", "gptq-int4", 1.0),
     ("best 3-bit DAQ row", lambda r: r["bits"] == 3, "gptq-int3", 0.8),
@@ -197,8 +202,9 @@ def main() -> None:
             result = evaluate(out, args.windows)
             ppl = result.perplexity
             results = save_row({
-                "row": row, "method": method, "format": fmt, "bits": get_codebook(fmt).bits, "group_size": g,
+                "row": row, "method": method, "format": fmt, "bits": report["format"]["bits"], "group_size": g,
                 **({"nsamples": args.nsamples} if calibrated else {}),
+                **({"formats": report["formats"]} if fmt == "auto" else {}),
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
             }, args.windows, result.total_windows)
             print(f"{row} g{g}: {ppl:.3f} ({seconds:.1f} s)", flush=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from daq_vllm.format.codebooks import Codebook
-from daq_vllm.kernels.reference import decode_values, expand_groups
+from daq_vllm.kernels.reference import decode_values
 
-from .grid import NearestCode, QuantizedWeight
+from .grid import NearestCode, QuantizedWeight, dequantize_weight
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,10 @@ def compensate(
 ) -> tuple[QuantizedWeight, tuple[float, float]]:
     """`qw` with compensated codes in the rows where they lower L_n; also (loss before, after)."""
     values = codebook.tensor(w.device)
-    scales = expand_groups(qw.scales.float(), group_size, w.shape[1])
-    offsets = expand_groups(qw.offsets.float(), group_size, w.shape[1])
     h = h.to(w.device)
-    before = row_losses(decode_values(qw.codes, scales, offsets, values), w, h)
+    before = row_losses(dequantize_weight(qw, values, group_size), w, h)
     codes = compensated_codes(w, h, qw, codebook, group_size, spec)
-    after = row_losses(decode_values(codes, scales, offsets, values), w, h)
+    after = row_losses(dequantize_weight(QuantizedWeight(codes, qw.scales, qw.offsets), values, group_size), w, h)
     better = after < before
     kept = torch.where(better[:, None], codes, qw.codes)
     final = torch.where(better, after, before)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from daq_vllm.format.codebooks import Codebook
-from daq_vllm.kernels.reference import decode_values
+from daq_vllm.kernels.reference import decode_values, expand_groups
 
 MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a stored scale is never 0
 
@@ -121,3 +121,11 @@ def quantize_groups(
 def dequantize_groups(q: QuantizedGroups, codebook_values: torch.Tensor) -> torch.Tensor:
     """`s*c[q] + b` in float32 for groups [R, L], by the checkpoint's own decoding formula."""
     return decode_values(q.codes, q.scales[:, None], q.offsets[:, None], codebook_values)
+
+
+def dequantize_weight(qw: QuantizedWeight, codebook_values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W_hat [N, K] in float32 of a quantized linear (unpacked codes), by the checkpoint's formula."""
+    k = qw.codes.shape[1]
+    scales = expand_groups(qw.scales.float(), group_size, k)
+    offsets = expand_groups(qw.offsets.float(), group_size, k)
+    return decode_values(qw.codes, scales, offsets, codebook_values)

@@ -29,9 +29,14 @@ def base_model_name(source_name: str) -> str:
     return path.name or source_name
 
 
+def _codebook_names(fmt: DAQFormat) -> list[str]:
+    """The codebooks the checkpoint uses: `format`, then those of `module_formats` (version 2)."""
+    return [fmt.format, *fmt.codebooks]
+
+
 def _front_matter(fmt: DAQFormat, base_model: str, config: dict[str, Any]) -> list[str]:
     """YAML front matter; scalars and lists are written as JSON, which YAML reads as is."""
-    tags = ["daq", "quantized", fmt.format, f"{fmt.bits}-bit"]
+    tags = ["daq", "quantized", *_codebook_names(fmt), f"{fmt.bits}-bit"]
     lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers",
              f"tags: {json.dumps(tags)}"]
     if any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or []):
@@ -39,10 +44,18 @@ def _front_matter(fmt: DAQFormat, base_model: str, config: dict[str, Any]) -> li
     return [*lines, "---", ""]
 
 
-def _format_section(fmt: DAQFormat) -> list[str]:
+def _codebook_line(fmt: DAQFormat, report: dict[str, Any]) -> str:
+    if not fmt.module_formats:
+        return f"- codebook: `{fmt.format}` ({fmt.bits}-bit codes, {len(fmt.codebook)} values)"
+    counts = ", ".join(f"`{name}` {n}" for name, n in (report.get("formats") or {}).items())
+    return (f"- codebooks, chosen per linear by calibration loss (`--format auto`): {counts} linears "
+            f"({fmt.bits}-bit codes, {len(fmt.codebook)} values)")
+
+
+def _format_section(fmt: DAQFormat, report: dict[str, Any]) -> list[str]:
     return [
         "## Format", "",
-        f"- codebook: `{fmt.format}` ({fmt.bits}-bit codes, {len(fmt.codebook)} values)",
+        _codebook_line(fmt, report),
         f"- group size: {fmt.group_size} weights per scale and offset (fp16)",
         f"- bits per weight: {fmt.bits_per_weight:.2f}",
         f"- format version: {fmt.format_version} (`quant_method: {fmt.quant_method}`)",
@@ -118,11 +131,11 @@ def model_card(report: dict[str, Any], fmt: DAQFormat, source_name: str, config:
     base = base_model_name(source_name)
     lines = [
         *_front_matter(fmt, base, config),
-        f"# {base} ({fmt.format}, {fmt.bits}-bit DAQ)", "",
+        f"# {base} ({'+'.join(_codebook_names(fmt))}, {fmt.bits}-bit DAQ)", "",
         f"Weight-only DAQ quantization of `{base}`: the decoder linears are stored as {fmt.bits}-bit codes "
         f"with a scale and offset per group of {fmt.group_size} weights; the other tensors are kept as in the source.",
         "",
-        *_format_section(fmt),
+        *_format_section(fmt, report),
         *_method_section(fmt.provenance),
         *_error_section(report, fmt),
         *_usage_section(),

@@ -82,16 +82,20 @@ class SecondMoments:
                 parts.append(torch.bmm(xg.transpose(1, 2), xg))
         return parts
 
+    def input_owner(self, name: str) -> str:
+        """The first linear of the pass that read the same input as `name` (itself if none did)."""
+        return self.alias.get(name, name)
+
     def moments(self, name: str) -> list[torch.Tensor]:
         """Per block of groups (full groups, then the partial one): H = X^T X / T, [G, L, L]."""
         if self.full:
             return diagonal_blocks(self.full_moment(name), self.group_size)
-        owner = self.alias.get(name, name)
+        owner = self.input_owner(name)
         return [s / self.tokens[owner] for s in self.sums[owner]]
 
     def full_moment(self, name: str) -> torch.Tensor:
         """H = X^T X / T [K, K]; only with `full`."""
-        owner = self.alias.get(name, name)
+        owner = self.input_owner(name)
         return self.sums[owner][0] / self.tokens[owner]
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from daq_vllm.errors import DAQError
-from daq_vllm.format import SUPPORTED_GROUP_SIZES, get_codebook
+from daq_vllm.format import CODEBOOKS, SUPPORTED_GROUP_SIZES, Codebook, get_codebook
 
+from .auto_format import AutoSpec
 from .calibration import CalibSpec
 from .compensated import CompensationSpec
 from .ldra import LDRASpec
@@ -30,6 +31,10 @@ class Recipe:
     rounding: str  # one of ROUNDINGS, used when the caller names none
 
 
+AUTO = "auto"  # --format auto: each linear (each group reading one input) gets the candidate of lowest loss
+# --format auto's candidates when --formats names none: the 4-bit codebooks a kernel decodes
+# (fp4_e2m1_ref is the reference code's variant of fp4_e2m1, kept for comparison only).
+AUTO_CANDIDATES: tuple[str, ...] = ("nf4", "fp4_e2m1", "int4")
 ROUNDINGS: tuple[str, ...] = ("gptq", "nearest")  # GPTQ-style error-compensated codes, or the nearest ones
 RECIPES: dict[str, Recipe] = {
     "daq": Recipe(init="dca", calibrated=True, rounding="gptq"),
@@ -48,7 +53,9 @@ class QuantizeOptions:
     `compensation` (with LDRA only) re-chooses the codes on the tuned grids GPTQ-style.
     """
 
-    format: str = "fp4_e2m1"
+    format: str = "fp4_e2m1"  # a codebook name, or AUTO
+    formats: tuple[str, ...] = ()  # AUTO's candidates, one bit width (empty: AUTO_CANDIDATES)
+    auto: AutoSpec = field(default_factory=AutoSpec)
     group_size: int = 128
     init: InitSpec = field(default_factory=InitSpec)
     ldra: LDRASpec | None = None
@@ -101,12 +108,27 @@ def recipe_options(
     )
 
 
+def candidate_codebooks(opts: QuantizeOptions) -> list[Codebook]:
+    """The codebooks a run may store: the one named by `format`, or AUTO's candidates in order."""
+    if opts.format != AUTO:
+        return [get_codebook(opts.format)]
+    return [get_codebook(name) for name in dict.fromkeys(opts.formats or AUTO_CANDIDATES)]
+
+
 def check_options(opts: QuantizeOptions) -> None:
     """Refuse options that cannot work before anything slow starts, naming the fix."""
-    try:
-        get_codebook(opts.format)
-    except ValueError as e:
-        raise DAQError(str(e)) from None
+    if opts.formats and opts.format != AUTO:
+        raise DAQError(f"--formats lists the candidates of --format {AUTO}, not of --format {opts.format}; "
+                       f"add --format {AUTO} or drop --formats")
+    unknown = [f for f in (opts.formats or (opts.format,)) if f != AUTO and f not in CODEBOOKS]
+    if unknown:
+        raise DAQError(f"unknown format {unknown[0]!r}; choose from {AUTO}, {', '.join(CODEBOOKS)}")
+    if len({cb.bits for cb in candidate_codebooks(opts)}) > 1:
+        listed = ", ".join(f"{cb.name} ({cb.bits}-bit)" for cb in candidate_codebooks(opts))
+        raise DAQError(f"--formats mixes bit widths ({listed}); list codebooks of one bit width")
+    if opts.format == AUTO and opts.ldra is None:
+        raise DAQError(f"--format {AUTO} chooses each linear's codebook by its calibration loss; use it with "
+                       f"--method daq, not {opts.init.method}")
     if opts.group_size not in SUPPORTED_GROUP_SIZES:
         raise DAQError(
             f"group size {opts.group_size} is not supported; choose one of "

@@ -5,8 +5,9 @@ in host memory, so memory stays bounded for large models. With LDRA, calibration
 through the layers (GPTQ-style) and each layer's linears are tuned against their input statistics.
 
 The run, in steps: plan the targets (`targets.py`) -> per decoder layer, its saved result on
---resume, else calibrate and quantize its linears (`LinearQuantizer`) -> the head -> report,
-config.json and an atomic commit (`report.py`, `checkpoint_writer.py`).
+--resume, else calibrate, choose each linear's codebook (`auto_format.py`; the one named unless
+`--format auto`) and quantize its linears (`LinearQuantizer`) -> the head -> report, config.json
+and an atomic commit (`report.py`, `checkpoint_writer.py`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from daq_vllm.errors import DAQError
-from daq_vllm.format import OFFSETS, QWEIGHT, SCALES, Codebook, DAQFormat, get_codebook
+from daq_vllm.format import OFFSETS, QWEIGHT, SCALES, Codebook, DAQFormat
 from daq_vllm.kernels import dequantize, pack_codes
 
+from .auto_format import Choice, Screening, choose_codebooks
 from .checkpoint_writer import ShardedWriter, commit_output, prepare_output
 from .compensated import compensate
 from .layer_calibration import LayerCalibration
@@ -35,7 +37,7 @@ from .ldra import quantize_weight_ldra
 from .model_card import CARD_FILE, model_card
 from .model_source import DecoderLayer, ModelSource, open_model
 from .moments import SecondMoments
-from .options import QuantizeOptions, check_options
+from .options import QuantizeOptions, candidate_codebooks, check_options
 from .ranges import quantize_weight
 from .report import REPORT_FILE, LinearReport, build_report, checkpoint_format, layer_entry
 from .resume import ResumeStore, run_fingerprint
@@ -60,51 +62,61 @@ class QuantizedLinear:
 
 
 class LinearQuantizer:
-    """The per-linear step: round one weight, pack it into the checkpoint tensors, measure its error."""
+    """The per-linear step: choose its codebook, round the weight, pack it into the checkpoint
+    tensors, measure its error."""
 
-    def __init__(self, source: ModelSource, codebook: Codebook, opts: QuantizeOptions):
-        self.source, self.codebook, self.opts = source, codebook, opts
-        self.values = codebook.tensor(opts.device)
+    def __init__(self, source: ModelSource, opts: QuantizeOptions):
+        self.source, self.opts = source, opts
+        self.candidates = candidate_codebooks(opts)
+        self.codebooks = {cb.name: cb for cb in self.candidates}
+
+    def choose(self, weights: dict[str, torch.Tensor], moments: SecondMoments | None) -> dict[str, Choice]:
+        """Each linear's codebook among the run's candidates (`auto_format.choose_codebooks`)."""
+        opts = self.opts
+        how = Screening(opts.group_size, opts.init, opts.ldra, opts.compensation is not None, opts.auto)
+        return choose_codebooks(weights, moments, self.candidates, how)
 
     def weight(self, tensor_name: str) -> torch.Tensor:
         """A source tensor on the compute device in float32, refused if it holds NaN or Inf."""
         return _checked(tensor_name, self.source.tensor(tensor_name)).to(self.opts.device, torch.float32)
 
-    def __call__(self, name: str, w: torch.Tensor, moments: SecondMoments | None) -> QuantizedLinear:
-        """Quantize W [N, K] of linear `name`: by the initializer alone without `moments`, else LDRA
-        against its input statistics and, with compensation, GPTQ-style codes on the tuned grids."""
-        opts = self.opts
+    def __call__(self, name: str, w: torch.Tensor, moments: SecondMoments | None, choice: Choice) -> QuantizedLinear:
+        """Quantize W [N, K] of linear `name` with the codebook of `choice`: by the initializer alone
+        without `moments`, else LDRA against its input statistics and, with compensation, GPTQ-style
+        codes on the tuned grids."""
+        opts, codebook = self.opts, choice.codebook
         ldra_loss = full_loss = None
         if moments is None:
-            qw = quantize_weight(w, self.codebook, opts.group_size, opts.init)
+            qw = quantize_weight(w, codebook, opts.group_size, opts.init)
         else:
-            qw, stats = quantize_weight_ldra(
-                w, moments.moments(name), self.codebook, opts.group_size, opts.init, opts.ldra
-            )
+            qw, stats = quantize_weight_ldra(w, moments.moments(name), codebook, opts.group_size, opts.init, opts.ldra)
             ldra_loss = (stats.initial_loss, stats.final_loss)
             if opts.compensation is not None:
-                qw, full_loss = compensate(
-                    w, moments.full_moment(name), qw, self.codebook, opts.group_size, opts.compensation
-                )
-        packed = pack_codes(qw.codes, self.codebook.bits)
-        w_hat = self.dequantize(packed, qw.scales, qw.offsets, w.shape[1])
+                qw, full_loss = compensate(w, moments.full_moment(name), qw, codebook, opts.group_size,
+                                           opts.compensation)
+        packed = pack_codes(qw.codes, codebook.bits)
+        w_hat = self.dequantize(packed, qw.scales, qw.offsets, w.shape[1], codebook)
         rel_error = ((w_hat - w).norm() / w.norm().clamp_min(1e-30)).item()
         tensors = {f"{name}.{QWEIGHT}": packed.cpu(), f"{name}.{SCALES}": qw.scales.cpu(),
                    f"{name}.{OFFSETS}": qw.offsets.cpu()}
-        return QuantizedLinear(tensors, LinearReport(rel_error, ldra_loss, full_loss))
+        report = LinearReport(rel_error, ldra_loss, full_loss, codebook.name, choice.losses or None)
+        return QuantizedLinear(tensors, report)
 
     def dequantize(
-        self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int
+        self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int, codebook: Codebook
     ) -> torch.Tensor:
         """The float32 weight [N, in_features] the checkpoint tensors decode to, on the compute device."""
         device = self.opts.device
-        return dequantize(packed.to(device), scales.to(device), offsets.to(device), self.values,
-                          self.codebook.bits, self.opts.group_size, in_features)
+        return dequantize(packed.to(device), scales.to(device), offsets.to(device), codebook.tensor(device),
+                          codebook.bits, self.opts.group_size, in_features)
 
-    def decoded(self, tensors: dict[str, torch.Tensor], name: str, in_features: int) -> torch.Tensor:
-        """The quantized weight of linear `name` from a layer's checkpoint `tensors`."""
+    def decoded(
+        self, tensors: dict[str, torch.Tensor], reports: dict[str, LinearReport], name: str, in_features: int
+    ) -> torch.Tensor:
+        """The quantized weight of linear `name` from a layer's checkpoint `tensors` and its `reports`
+        (which name its codebook)."""
         return self.dequantize(tensors[f"{name}.{QWEIGHT}"], tensors[f"{name}.{SCALES}"],
-                               tensors[f"{name}.{OFFSETS}"], in_features)
+                               tensors[f"{name}.{OFFSETS}"], in_features, self.codebooks[reports[name].format])
 
 
 def _layer_step(
@@ -115,15 +127,18 @@ def _layer_step(
     saved = store.load(i)
     if saved is not None:
         tensors, entries = saved
+        reports = {n: LinearReport.from_dict(e) for n, e in entries.items()}
         if calibration is not None:
-            calibration.advance(layer, names, partial(quantizer.decoded, tensors))
-        return tensors, {n: LinearReport.from_dict(e) for n, e in entries.items()}
+            calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports))
+        return tensors, reports
     moments, outputs = calibration.collect(layer, names) if calibration is not None else (None, None)
-    results = {n: quantizer(n, quantizer.weight(f"{n}.weight"), moments) for n in names}
+    weights = {n: quantizer.weight(f"{n}.weight") for n in names}
+    choices = quantizer.choose(weights, moments)
+    results = {n: quantizer(n, weights[n], moments, choices[n]) for n in names}
     tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
-    if calibration is not None:
-        calibration.advance(layer, names, partial(quantizer.decoded, tensors), outputs)
     reports = {n: r.report for n, r in results.items()}
+    if calibration is not None:
+        calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports), outputs)
     store.save(i, tensors, {n: r.to_dict() for n, r in reports.items()})
     return tensors, reports
 
@@ -148,7 +163,8 @@ def _quantize_targets(
             if progress:
                 tqdm.write(f"layer {i + 1}/{n_layers}: mean relative weight error {mean_err:.5f}", file=sys.stderr)
         for name, tensor_name in targets.head.items():
-            q = quantizer(name, quantizer.weight(tensor_name), None)
+            w = quantizer.weight(tensor_name)
+            q = quantizer(name, w, None, quantizer.choose({name: w}, None)[name])
             _add_all(writer, q.tensors)
             entries.append(layer_entry(name, {name: q.report}))
             bar.update()
@@ -205,9 +221,8 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
         raise DAQError(f"output directory {out} already exists; choose another --out or pass --overwrite")
     t0 = time.time()
     source = open_model(model_path, opts.revision)
-    codebook = get_codebook(opts.format)
     targets = plan_targets(source, opts)
-    quantizer = LinearQuantizer(source, codebook, opts)
+    quantizer = LinearQuantizer(source, opts)
     calibration = LayerCalibration(source, targets.layers, opts) if opts.ldra is not None else None
     store = ResumeStore(out, run_fingerprint(model_path, opts), opts.resume)
     tmp = prepare_output(out, opts.overwrite)
@@ -217,7 +232,7 @@ def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) 
             writer.add(name, _checked(name, source.tensor(name)))
         layers = _quantize_targets(targets, quantizer, calibration, store, writer, opts.progress)
         writer.finish()
-        fmt = checkpoint_format(codebook, opts, targets.not_converted(source), str(source.path))
+        fmt = checkpoint_format(layers, opts, targets.not_converted(source), str(source.path))
         report = build_report(fmt, len(targets.quantized), time.time() - t0, layers)
         _write_config(tmp, source, fmt, report, targets.tied_head)
         commit_output(tmp, out)

@@ -10,7 +10,7 @@ from ..errors import DAQError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..format import CODEBOOKS, SUPPORTED_GROUP_SIZES
     from ..offline.ldra import SOLVERS
-    from ..offline.options import RECIPES, ROUNDINGS
+    from ..offline.options import AUTO, AUTO_CANDIDATES, RECIPES, ROUNDINGS
     from ..offline.ranges import DCA_CENTERS, INIT_METHODS
 
     p = sub.add_parser("quantize", help="quantize a model into a DAQ checkpoint")
@@ -18,7 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="branch, tag or commit of a Hub model ID (default: main)")
-    p.add_argument("--format", default="fp4_e2m1", choices=list(CODEBOOKS), help="codebook (default: fp4_e2m1)")
+    p.add_argument("--format", default="fp4_e2m1", choices=[AUTO, *CODEBOOKS],
+                   help=f"codebook (default: fp4_e2m1); {AUTO} = per linear the candidate of lowest calibration loss "
+                        "(linears reading one input choose together)")
+    p.add_argument("--formats", default=None, metavar="A,B,...",
+                   help=f"the candidates of --format {AUTO}, one bit width (default: {','.join(AUTO_CANDIDATES)}; "
+                        "3-bit: fp3_e2m0,int3)")
     p.add_argument("--group-size", type=int, default=128,
                    help=f"inputs per group, one of {SUPPORTED_GROUP_SIZES} (default: 128)")
     init_only = ", ".join(name for name, recipe in RECIPES.items() if not recipe.calibrated)
@@ -64,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..offline.calibration import CalibSpec
     from ..offline.ldra import LDRASpec
-    from ..offline.options import recipe_options
+    from ..offline.options import AUTO, recipe_options
     from ..offline.pipeline import quantize_model
     from ..offline.ranges import InitSpec
 
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})),
         format=args.format,
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats is not None else (),
         group_size=args.group_size,
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         field=args.calib_field, chat_template=args.chat_template),
@@ -96,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     )
     report = quantize_model(args.model, args.out, opts)
     print(
-        f"wrote {args.out}: {report['quantized_linears']} linears as {args.format} g{args.group_size} "
+        f"wrote {args.out}: {report['quantized_linears']} linears as {opts.format} g{args.group_size} "
         f"({report['bits_per_weight']:.2f} bits/weight) in {report['seconds']:.1f} s"
     )
+    if opts.format == AUTO:
+        print("codebooks chosen: " + ", ".join(f"{name} {count}" for name, count in report["formats"].items()))
     return 0

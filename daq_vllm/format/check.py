@@ -165,6 +165,10 @@ def check_checkpoint(path: str | Path, *, for_vllm: bool = False) -> DAQFormat:
                            "re-quantize without --quantize-lm-head")
         expected = shapes.get(module.rsplit(".", 1)[-1]) if _LAYER.match(module) else None
         _check_packed(directory, module, tensors, fmt, expected)
+    stray = sorted(set(fmt.module_formats) - quantized)
+    if stray:
+        raise DAQError(f"quantization_config.module_formats names {stray[0]}, which the checkpoint does not store "
+                       "quantized (no .qweight); re-quantize")
     num_layers = config.get("num_hidden_layers")
     if isinstance(num_layers, int):
         _check_layers(directory, tensors, num_layers)

@@ -42,6 +42,15 @@ def decode_kind(values: list[float] | tuple[float, ...]) -> str:
     return "table"
 
 
+# Decode kinds from the cheapest for a kernel to the dearest: `--format auto` breaks ties by it.
+DECODE_ORDER: tuple[str, ...] = ("int", "e2m1", "table")
+
+
+def decode_cost(values: list[float] | tuple[float, ...]) -> int:
+    """Rank of the codebook's decode kind in DECODE_ORDER (0 = the cheapest to decode)."""
+    return DECODE_ORDER.index(decode_kind(values))
+
+
 @dataclass(frozen=True)
 class Codebook:
     """A format: its name, bit width and the value of each code."""

@@ -34,6 +34,7 @@ class DAQLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: DAQFormat):
+        """`fmt` is this linear's single-codebook view (`DAQFormat.for_module`)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt = fmt
@@ -80,14 +81,15 @@ def select_kernels(model: nn.Module, preferred: str | None = None) -> None:
 
 
 def replace_linears(model: nn.Module, fmt: DAQFormat) -> int:
-    """Swap each converted nn.Linear of `model` for a DAQLinear; return how many were swapped."""
+    """Swap each converted nn.Linear of `model` for a DAQLinear with its own codebook; return how many."""
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and fmt.is_converted(full):
                 with torch.device("meta"):
-                    layer = DAQLinear(child.in_features, child.out_features, child.bias is not None, fmt)
+                    layer = DAQLinear(child.in_features, child.out_features, child.bias is not None,
+                                      fmt.for_module(full))
                 setattr(module, child_name, layer)
                 swapped += 1
     return swapped

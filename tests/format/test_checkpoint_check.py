@@ -78,7 +78,7 @@ def test_wrong_dtype_is_named(copy):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"format_version": 2}, r"quantization_config\.format_version 2 is not supported"),
+    ({"format_version": 3}, r"quantization_config\.format_version 3 is not supported"),
     ({"codebook": [0.0] * 8}, r"quantization_config\.codebook must be a list of 16"),
     ({"bits": 5}, r"quantization_config\.bits 5 is not supported"),
     ({"group_size": 48}, r"quantization_config\.group_size 48 is not supported"),
@@ -124,3 +124,13 @@ def test_quantized_lm_head_is_refused_for_vllm_only(tmp_path):
     check_checkpoint(tmp_path / "daq")
     with pytest.raises(DAQError, match=r"quantized lm_head.*without --quantize-lm-head"):
         check_checkpoint(tmp_path / "daq", for_vllm=True)
+
+
+def test_module_format_of_a_module_not_stored_quantized_is_named(copy):
+    from daq_vllm.format.codebooks import get_codebook
+
+    edit_quant_config(copy, format_version=2, module_formats={"model.layers.0.mlp.down_proj": "int4"},
+                      codebooks={"int4": list(get_codebook("int4").values)})
+    with pytest.raises(DAQError, match=r"module_formats names model\.layers\.0\.mlp\.down_proj, which the "
+                                       r"checkpoint does not store quantized"):
+        check_checkpoint(copy)

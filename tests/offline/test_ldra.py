@@ -182,10 +182,10 @@ def killed_in_layer_two():
     return wrapper
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, capsys, sequential):
+@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--sequential", "--format", "auto"]])
+def test_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, capsys, extra):
+    """Also with --format auto: a resumed layer's codebooks come from its saved report entries."""
     calib = calib_file(tmp_path)
-    extra = ["--sequential"] if sequential else []
     assert cli.main(daq_args(tiny_llama, tmp_path / "full", calib, *extra)) == 0
 
     monkeypatch.setattr(pipeline, "quantize_weight_ldra", killed_in_layer_two())

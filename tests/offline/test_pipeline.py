@@ -135,6 +135,7 @@ def test_dense_kernel_gives_the_torch_kernels_outputs(tiny_llama, tmp_path):
     quantize_model(str(tiny_llama), out, QuantizeOptions(format="int3", group_size=64, progress=False))
     layer = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj
     assert layer.kernel.name == "cpu"  # the default on CPU: packed weights, the C++ kernel
+    layer.select_kernel(torch.float32, ["torch"])
     x = torch.randn(3, 320)
     plain = layer(x)
     layer.select_kernel(torch.float32, ["dense"])

@@ -54,8 +54,29 @@ class DAQConfig(QuantizationConfig):
             check_checkpoint(model_name, for_vllm=True)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
-        """Rename `modules_not_converted` from the checkpoint's names to the vLLM model's."""
+        """Rename `modules_not_converted` and `module_formats` from the checkpoint's names to the vLLM model's."""
         self.fmt.modules_not_converted = hf_to_vllm_mapper.apply_list(self.fmt.modules_not_converted)
+        self.fmt.module_formats = hf_to_vllm_mapper.apply_dict(self.fmt.module_formats)
+
+    def _parts(self, prefix: str) -> list[str]:
+        """The checkpoint linears vLLM fuses into the layer `prefix` (just `prefix` when it is not fused)."""
+        head, _, proj = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(proj)
+        return [f"{head}.{p}" if head else p for p in parts] if parts else [prefix]
+
+    def layer_format(self, prefix: str) -> DAQFormat:
+        """The single-codebook view of the vLLM linear `prefix`; a fused layer's parts must share it.
+
+        `daq-vllm quantize --format auto` chooses one codebook per group of linears that read the
+        same input, which is every group vLLM fuses (q/k/v_proj, gate/up_proj).
+        """
+        parts = self._parts(prefix)
+        formats = {p: self.fmt.format_of(p) for p in parts}
+        if len(set(formats.values())) > 1:
+            listed = ", ".join(f"{p} {f}" for p, f in formats.items())
+            raise DAQError(f"the parts of {prefix}, which vLLM fuses into one layer, have different codebooks "
+                           f"({listed}); re-quantize (daq-vllm quantize chooses one codebook per fused group)")
+        return self.fmt.for_module(parts[0])
 
     def is_skipped(self, prefix: str) -> bool:
         """Whether the vLLM linear `prefix` stays in full precision.
@@ -64,11 +85,9 @@ class DAQConfig(QuantizationConfig):
         a fused linear is skipped when its own name or all of its parts are listed, and a fused
         linear with only some parts listed cannot be loaded at all.
         """
-        head, _, proj = prefix.rpartition(".")
-        parts = self.packed_modules_mapping.get(proj)
-        if not parts or not self.fmt.is_converted(prefix):
+        names = self._parts(prefix)
+        if len(names) == 1 or not self.fmt.is_converted(prefix):
             return not self.fmt.is_converted(prefix)
-        names = [f"{head}.{p}" if head else p for p in parts]
         skipped = [n for n in names if not self.fmt.is_converted(n)]
         if skipped and len(skipped) != len(names):
             raise DAQError(

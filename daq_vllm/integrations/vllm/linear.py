@@ -47,7 +47,7 @@ class DAQLinearMethod(LinearMethodBase):
     """Packed codes + fp16 scale/offset per group along K; computes with the kernel chosen for the layer."""
 
     def __init__(self, config: DAQConfig, prefix: str = ""):
-        self.fmt = config.fmt
+        self.fmt = config.layer_format(prefix)  # this layer's own codebook
         self.prefix = prefix
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
