@@ -114,13 +114,13 @@ std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t grou
 }
 
 // Fused decode-GEMM over all blocks, threads over blocks.
-void run_fused(const Problem& p, GemmBody body, int64_t blocks, int64_t block_n) {
+void run_fused(const Problem& p, GemmBody body, int64_t blocks) {
   const int64_t grain = p.n * p.k < kParallelWeights ? blocks : 1;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { body(p, begin, end); });
 }
 
-// Prefill: decode a tile of output columns at a time into one reused buffer, multiply with torch's
-// GEMM, copy the tile's valid columns into y.
+// Prefill: decode a tile of output columns at a time into one reused buffer and multiply it with
+// torch's GEMM into the tile's columns of y.
 void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block_n, const at::Tensor& x,
                const at::Tensor& y) {
   const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
@@ -181,7 +181,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
                     y.data_ptr<float>(),
                     m, out_features, k, groups, group_size};
     if (m <= max_fused_m) {
-      run_fused(p, gemm_body, blocks, block_n);
+      run_fused(p, gemm_body, blocks);
     } else {
       run_tiled(p, dequant_body, blocks, block_n, x2, y);
     }
