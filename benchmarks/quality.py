@@ -136,7 +136,7 @@ def goal_lines(rows: list[dict], full: float) -> list[str]:
         loss, peer_loss = best["ppl"] - full, g64[peer]["ppl"] - full
         ratio = loss / peer_loss
         table.append(f"| {what} | {best['row']} | {loss:.3f} | {peer} | {peer_loss:.3f} | {ratio:.2f} | "
-                   f"{allowed:.1f} | {'yes' if ratio <= allowed else 'no'} |")
+                   f"{allowed:g} | {'yes' if ratio <= allowed else 'no'} |")
     if not table:
         return []
     return ["", "## Goals (g64, PPL loss against the peer of the same run)", "",
