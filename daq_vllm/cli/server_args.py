@@ -18,6 +18,11 @@ def option_value(args: list[str], name: str) -> str | None:
     return value
 
 
+def asks_for_help(args: list[str]) -> bool:
+    """`-h`, `--help` or `--help=TOPIC`: vLLM prints help and starts nothing, so no defaults apply."""
+    return "-h" in args or any(a == "--help" or a.startswith("--help=") for a in args)
+
+
 def server_address(args: list[str]) -> tuple[str, int]:
     """(host to poll and print, port) from the pass-through arguments; vLLM binds all interfaces by default."""
     host = option_value(args, "--host")

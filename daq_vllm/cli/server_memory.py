@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .server_args import option_value
+from .server_args import asks_for_help, option_value
 
 GiB = 1 << 30
 KV_CAP_GIB = 4  # the most serve reserves for the KV cache on CPU by itself
@@ -112,7 +112,7 @@ def cpu_defaults(path: Path, server_args: list[str], env: dict[str, str]) -> lis
     """On CPU, unless the user chose: set env's KV cache size, print it, and return server args to add."""
     if any(option_value(server_args, flag) is not None for flag in MEMORY_FLAGS) or env.get(KV_ENV):
         return []
-    if "-h" in server_args or "--help" in server_args or any(a.startswith("--help=") for a in server_args):
+    if asks_for_help(server_args):
         return []
     if not on_cpu():
         return []
