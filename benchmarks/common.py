@@ -97,3 +97,15 @@ def write_results(name: str, payload: dict, markdown: str, directory: Path = RES
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (directory / f"{name}.md").write_text(markdown)
+
+
+def random_daq(n: int, k: int, bits: int, group: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Packed random codes, scales and offsets with the magnitudes of a real checkpoint (weights ~ 0.02)."""
+    from daq_vllm.format import num_groups
+    from daq_vllm.kernels import pack_codes
+
+    codes = torch.randint(0, 2**bits, (n, k), device=device)
+    groups = num_groups(k, group)
+    scales = (torch.rand(n, groups, device=device) * 0.01 + 1e-3).half()
+    offsets = (torch.randn(n, groups, device=device) * 1e-3).half()
+    return pack_codes(codes, bits), scales, offsets

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, random_daq, write_results  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
@@ -38,15 +38,6 @@ SHAPES = {  # (N, K) of each linear (qkv and gate_up fused, as vLLM runs them)
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
-
-
-def random_daq(n: int, k: int, fmt: str, device: str):
-    cb = get_codebook(fmt)
-    codes = torch.randint(0, 2**cb.bits, (n, k), device=device)
-    groups = num_groups(k, GROUP)
-    scales = (torch.rand(n, groups, device=device) * 0.01 + 1e-3).half()
-    offsets = (torch.randn(n, groups, device=device) * 1e-3).half()
-    return pack_codes(codes, cb.bits), scales, offsets, cb
 
 
 def int4_anchor(n: int, k: int, device: str):
@@ -99,7 +90,8 @@ def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
     rows = result["rows"]
     for model, layers in shapes.items():
         for name, (n, k) in layers.items():
-            q, s, b, cb = random_daq(n, k, fmt, device)
+            cb = get_codebook(fmt)
+            q, s, b = random_daq(n, k, cb.bits, GROUP, device)
             cbt = cb.tensor(device)
             e2m1 = decode_kind(cb.values) == "e2m1"
             w16 = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
@@ -183,7 +175,8 @@ def smoke(fmt: str) -> dict:
     from daq_vllm.kernels.triton_gemm import _PATHS, DEQUANT_MIN_M, default_config
 
     n, k = 64, 160
-    q, s, b, cb = random_daq(n, k, fmt, "cpu")
+    cb = get_codebook(fmt)
+    q, s, b = random_daq(n, k, cb.bits, GROUP)
     w = dequantize(q, s, b, cb.tensor(), cb.bits, GROUP, k).half().float()
     rows = []
     for m in (1, 16, DEQUANT_MIN_M + 6):  # gemv, gemm, dequantize + matmul

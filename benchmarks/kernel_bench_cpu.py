@@ -28,12 +28,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, contention_line, cpu_info, cpu_line, cpu_seconds, others_busy, write_results
+from common import (
+    RESULTS,
+    contention_line,
+    cpu_info,
+    cpu_line,
+    cpu_seconds,
+    others_busy,
+    random_daq,
+    write_results,
+)
 from torch.utils import benchmark
 
-from daq_vllm.format import num_groups
 from daq_vllm.format.codebooks import Codebook, get_codebook
-from daq_vllm.kernels import KERNELS, LinearKernel, LinearSpec, choose_kernel, dequantize, pack_codes
+from daq_vllm.kernels import KERNELS, LinearKernel, LinearSpec, choose_kernel, dequantize
 
 SHAPES = {  # (N, K) of each linear; qkv and gate_up fused as vLLM runs them, Llama-2's up alone (11008 x 4096)
     "smollm2-135m": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)},
@@ -58,15 +66,6 @@ class DAQLayer(torch.nn.Module):
         super().__init__()
         for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
             self.register_parameter(name, torch.nn.Parameter(t.clone(), requires_grad=False))
-
-
-def random_daq(n: int, k: int, cb: Codebook, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed codes, scales and offsets with the magnitudes of a real checkpoint (weights ~ 0.02)."""
-    codes = torch.randint(0, 2**cb.bits, (n, k))
-    groups = num_groups(k, group)
-    scales = (torch.rand(n, groups) * 0.01 + 1e-3).half()
-    offsets = (torch.randn(n, groups) * 1e-3).half()
-    return pack_codes(codes, cb.bits), scales, offsets
 
 
 def make_kernel(spec: LinearSpec, forced: str | None) -> LinearKernel:
@@ -111,7 +110,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def daq_side(n: int, k: int, cb: Codebook, args: argparse.Namespace) -> dict:
     """For one shape: the DAQ weight's bytes, its dequantized fp32 weight, and per activation dtype the
     prepared layer copies and their kernel."""
-    q, s, b = random_daq(n, k, cb, args.group_size)
+    q, s, b = random_daq(n, k, cb.bits, args.group_size)
     nbytes = q.numel() * 4 + (s.numel() + b.numel()) * 2
     side = {"bytes": nbytes, "w_hat": dequantize(q, s, b, cb.tensor(), cb.bits, args.group_size, k)}
     for name, dtype in DTYPES.items():
