@@ -5,23 +5,38 @@ compile too; a Triton launch with Python-side tuning inside a traced region woul
 or break the graph. As a custom op (`torch.library.custom_op`, as GemLite registers its own) the
 kernel is one node whose fake implementation gives torch.compile the output's shape and dtype.
 The op belongs to the kernel layer, so every integration gets it. Imports triton when first run.
+
+The op is defined once per process. This file can run twice: as `daq_vllm.kernels.op` and, when
+the repository root is on `sys.path` (`python -m pytest` or `python -m daq_vllm.cli` run there),
+as `kernels.op`, because transformers imports any top-level `kernels` package it finds while it
+looks for Hugging Face's package of that name. torch frees a redefined op's registration while the
+first definition's callers still hold it: calls through it then read freed memory (seen as a rare
+`ValueError: vector::reserve`, and as a use-after-free under AddressSanitizer). A second run
+therefore takes the registered op instead of defining it again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-@torch.library.custom_op("daq::linear", mutates_args=())
-def daq_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                  codebook: torch.Tensor, bits: int, group_size: int, e2m1: bool,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ W_hat^T (+ bias)` through the Triton kernels (`triton_gemm.daq_linear_triton`)."""
-    from .triton_gemm import daq_linear_triton
+def _define() -> Callable[..., torch.Tensor]:
+    @torch.library.custom_op("daq::linear", mutates_args=())
+    def daq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                   codebook: torch.Tensor, bits: int, group_size: int, e2m1: bool,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W_hat^T (+ bias)` through the Triton kernels (`triton_gemm.daq_linear_triton`)."""
+        from .triton_gemm import daq_linear_triton
 
-    return daq_linear_triton(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias)
+        return daq_linear_triton(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias)
+
+    @daq_linear.register_fake
+    def _(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias=None):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    return daq_linear
 
 
-@daq_linear_op.register_fake
-def _(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias=None):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+daq_linear_op = torch.ops.daq.linear.default if hasattr(torch.ops.daq, "linear") else _define()

@@ -1,5 +1,9 @@
 """`torch.ops.daq.linear`, the custom op that carries the Triton kernels (interpreter on CPU)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,3 +60,24 @@ def test_fake_impl_gives_shape_and_dtype_for_torch_compile(op):
         s = torch.empty(24, 2, dtype=torch.float16)
         out = torch.ops.daq.linear(x, q, s, s, torch.empty(16), 4, 64, False, None)
     assert out.shape == (3, 7, 24) and out.dtype == torch.float16
+
+
+def test_op_is_defined_once_when_its_source_is_imported_under_a_second_name():
+    """With the repository root on sys.path, `kernels/` is also the top-level package `kernels`, which
+    transformers imports while it looks for Hugging Face's package of that name. Defining the op again
+    there would free the first definition's registration under its callers (a use-after-free in torch)."""
+    code = (
+        "import sys, torch\n"
+        "defined = []\n"
+        "custom_op = torch.library.custom_op\n"
+        "torch.library.custom_op = lambda name, *a, **k: defined.append(name) or custom_op(name, *a, **k)\n"
+        "from daq_vllm.kernels.op import daq_linear_op\n"
+        "import kernels.op\n"
+        "assert kernels.op.__file__ == sys.modules['daq_vllm.kernels.op'].__file__, 'not the same source'\n"
+        "assert kernels.op.daq_linear_op is torch.ops.daq.linear.default\n"
+        "print(*[name for name in defined if name.startswith('daq::')])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["daq::linear"]
