@@ -54,6 +54,9 @@ class LinearKernel(ABC):
     """One way to compute `x @ W_hat^T + bias` from a layer's packed tensors."""
 
     name: ClassVar[str]
+    # True when prepare() copies the weights into the kernel's own layout and apply() never reads the
+    # checkpoint tensors again: an integration that will not save the model (vLLM) then frees them.
+    owns_weights: ClassVar[bool] = False
 
     def __init__(self, spec: LinearSpec):
         self.spec = spec

@@ -85,6 +85,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, b
 
 class CpuKernel(LinearKernel):
     name = "cpu"
+    owns_weights = True
 
     @classmethod
     def can_implement(cls, spec: LinearSpec) -> tuple[bool, str | None]:

@@ -30,6 +30,7 @@ class TorchKernel(LinearKernel):
 
 class DenseKernel(LinearKernel):
     name = "dense"
+    owns_weights = True
 
     @classmethod
     def can_implement(cls, spec: LinearSpec) -> tuple[bool, str | None]:

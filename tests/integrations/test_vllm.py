@@ -81,6 +81,18 @@ def test_each_daq_layer_holds_the_kernel_chosen_for_it(engine):
     assert used["model.layers.1.mlp.gate_up_proj"][1:] == (640, 192)  # fused gate+up: 2 x 320 outputs
 
 
+def held_weights(model) -> dict[str, tuple[int, int]]:
+    """Runs inside the vLLM worker: per DAQ layer, bytes held in the checkpoint tensors and in the kernel's repacked
+    codes."""
+    return {name: (sum(getattr(m, t).nbytes for t in ("qweight", "scales", "offsets")), m.cpu_codes.nbytes)
+            for name, m in model.named_modules() if hasattr(m, "cpu_codes")}
+
+
+def test_the_cpu_kernel_holds_the_weights_once(engine):
+    held = engine.apply_model(held_weights)[0]
+    assert held and all(checkpoint == 0 and codes > 0 for checkpoint, codes in held.values())
+
+
 def test_method_is_read_from_config_json(daq_checkpoint):
     from vllm.engine.arg_utils import EngineArgs
 

@@ -15,7 +15,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
 from ...errors import DAQError
-from ...format import num_groups, packed_words
+from ...format import PACKED, num_groups, packed_words
 from ...kernels import LinearSpec, choose_kernel
 from .config import DAQConfig
 
@@ -74,9 +74,12 @@ class DAQLinearMethod(LinearMethodBase):
         self.kernel = choose_kernel(spec)
 
     def process_weights_after_loading(self, layer) -> None:
-        for name in ("qweight", "scales", "offsets"):
+        for name in PACKED:
             setattr(layer, name, torch.nn.Parameter(getattr(layer, name).data, requires_grad=False))
         self.kernel.prepare(layer)
+        if self.kernel.owns_weights:  # a server never saves the model: hold the weights once, not twice
+            for name in PACKED:
+                setattr(layer, name, torch.nn.Parameter(getattr(layer, name).data.new_empty(0), requires_grad=False))
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernel.apply(layer, x, bias)
