@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kernel", choices=list(KERNELS), help="force this DAQ kernel (default: choose_kernel's pick)")
     ap.add_argument("--ms", type=int, nargs="+", help=f"batch sizes M (default: {MS})")
     ap.add_argument("--models", nargs="+", choices=list(SHAPES), help="shape sets (default: all)")
-    ap.add_argument("--format", default="fp4_e2m1", help="codebook (default: fp4_e2m1, the quantizer's default)")
+    ap.add_argument("--format", default="fp4_e2m1", help="codebook (default: fp4_e2m1, the fastest to decode)")
     ap.add_argument("--group-size", type=int, default=128, help="default: 128, the quantizer's default")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed calls per cell")

@@ -35,6 +35,11 @@ AUTO = "auto"  # --format auto: each linear (each group reading one input) gets 
 # --format auto's candidates when --formats names none: the 4-bit codebooks a kernel decodes
 # (fp4_e2m1_ref is the reference code's variant of fp4_e2m1, kept for comparison only).
 AUTO_CANDIDATES: tuple[str, ...] = ("nf4", "fp4_e2m1", "int4")
+# The codebook when none is named. A calibrated run chooses per linear (AUTO): on SmolLM2 it matched
+# the best single codebook (nf4) at g64 and g128 and beat the former default fp4_e2m1, in under 1.5x
+# a single codebook's time (benchmarks/results/quality.md), and on a model whose weights fit nf4 badly
+# it keeps int4 where that fits better. Without calibration there is no loss to choose by.
+DEFAULT_FORMAT, UNCALIBRATED_FORMAT = AUTO, "fp4_e2m1"
 ROUNDINGS: tuple[str, ...] = ("gptq", "nearest")  # GPTQ-style error-compensated codes, or the nearest ones
 RECIPES: dict[str, Recipe] = {
     "daq": Recipe(init="dca", calibrated=True, rounding="gptq"),
@@ -53,7 +58,7 @@ class QuantizeOptions:
     `compensation` (with LDRA only) re-chooses the codes on the tuned grids GPTQ-style.
     """
 
-    format: str = "fp4_e2m1"  # a codebook name, or AUTO
+    format: str | None = None  # a codebook name, or AUTO; None: DEFAULT_FORMAT, UNCALIBRATED_FORMAT without LDRA
     formats: tuple[str, ...] = ()  # AUTO's candidates, one bit width (empty: AUTO_CANDIDATES)
     auto: AutoSpec = field(default_factory=AutoSpec)
     group_size: int = 128
@@ -70,6 +75,10 @@ class QuantizeOptions:
     resume: bool = False
     progress: bool = True
     revision: str | None = None  # of a Hub model ID: a branch, tag or commit (None: main)
+
+    def __post_init__(self) -> None:
+        if self.format is None:
+            self.format = DEFAULT_FORMAT if self.ldra is not None else UNCALIBRATED_FORMAT
 
     def method_name(self) -> str:
         """The recipe these options follow ("daq", "rtn+gptq"...); a calibrated run from another

@@ -42,6 +42,9 @@ def test_quantize_and_eval_run_with_the_packaged_data_only(tmp_path):
     assert quantize.returncode == 0, quantize.stderr[-3000:]
     report = json.loads((out / "quantization_report.json").read_text())
     assert "wikitext2-valid" in json.dumps(report)
+    # the default codebook is chosen per linear (--format auto), and the counts are printed
+    assert sum(report["formats"].values()) == report["quantized_linears"]
+    assert "codebooks chosen: " in quantize.stdout
     script = Path(sys.executable).parent / "daq-vllm"
     evaluate = subprocess.run(
         [str(script), "eval", str(out), "--max-windows", "1", "--seqlen", "64", "--json", "--no-progress"],

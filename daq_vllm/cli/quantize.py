@@ -10,7 +10,7 @@ from ..errors import DAQError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..format import CODEBOOKS, SUPPORTED_GROUP_SIZES
     from ..offline.ldra import SOLVERS
-    from ..offline.options import AUTO, AUTO_CANDIDATES, RECIPES, ROUNDINGS
+    from ..offline.options import AUTO, AUTO_CANDIDATES, DEFAULT_FORMAT, RECIPES, ROUNDINGS, UNCALIBRATED_FORMAT
     from ..offline.ranges import DCA_CENTERS, INIT_METHODS
 
     p = sub.add_parser("quantize", help="quantize a model into a DAQ checkpoint")
@@ -18,9 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="branch, tag or commit of a Hub model ID (default: main)")
-    p.add_argument("--format", default="fp4_e2m1", choices=[AUTO, *CODEBOOKS],
-                   help=f"codebook (default: fp4_e2m1); {AUTO} = per linear the candidate of lowest calibration loss "
-                        "(linears reading one input choose together)")
+    p.add_argument("--format", default=None, choices=[AUTO, *CODEBOOKS],
+                   help=f"codebook (default: {DEFAULT_FORMAT} with --method daq, {UNCALIBRATED_FORMAT} without "
+                        f"calibration); {AUTO} = per linear the candidate of lowest calibration loss (linears reading "
+                        "one input choose together)")
     p.add_argument("--formats", default=None, metavar="A,B,...",
                    help=f"the candidates of --format {AUTO}, one bit width (default: {','.join(AUTO_CANDIDATES)}; "
                         "3-bit: fp3_e2m0,int3)")

@@ -156,7 +156,8 @@ def checkpoint_facts(full: Path, daq: Path) -> dict:
     fmt = DAQFormat.from_dict(json.loads((daq / "config.json").read_text())["quantization_config"])
     size = {name: sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20 for name, path in
             (("full", full), ("daq", daq))}
-    return {"format": fmt.format, "group_size": fmt.group_size, "bits_per_weight": fmt.bits_per_weight,
+    codebooks = "+".join(dict.fromkeys([fmt.format, *sorted(set(fmt.module_formats.values()))]))  # --format auto mixes
+    return {"format": codebooks, "group_size": fmt.group_size, "bits_per_weight": fmt.bits_per_weight,
             "size_mib": size}
 
 

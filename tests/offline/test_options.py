@@ -9,7 +9,7 @@ from daq_vllm.cli.quantize import add_parser
 from daq_vllm.errors import DAQError
 from daq_vllm.offline.grid import group_blocks, merge_blocks, split_groups
 from daq_vllm.offline.moments import diagonal_blocks
-from daq_vllm.offline.options import RECIPES, ROUNDINGS, recipe_options
+from daq_vllm.offline.options import AUTO, RECIPES, ROUNDINGS, check_options, recipe_options
 from daq_vllm.offline.ranges import InitSpec
 from daq_vllm.offline.report import LinearReport
 
@@ -45,6 +45,14 @@ def test_a_recipe_names_itself_in_the_provenance(method, rounding):
         assert opts.init.method == recipe.init
         assert opts.method_name() == method + ("+gptq" if opts.compensation is not None else "")
     assert recipe_options(method, rounding).method_name().split("+")[0] == method
+
+
+def test_the_default_codebook_is_chosen_per_linear_when_calibrated():
+    assert recipe_options("daq").format == AUTO
+    for method in (name for name, recipe in RECIPES.items() if not recipe.calibrated):
+        assert recipe_options(method).format == "fp4_e2m1"  # no calibration loss to choose by
+    assert recipe_options("daq", format="nf4").format == "nf4"
+    check_options(recipe_options("daq"))
 
 
 def test_unknown_recipe_is_refused():
