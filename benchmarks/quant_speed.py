@@ -2,7 +2,7 @@
 
 1. `daq-vllm quantize` of SmolLM2-135M with full DAQ (W4 fp4_e2m1, g128 unless --format/--group-size
    say otherwise; `--format auto`, the quantizer's default, screens three codebooks per linear and
-   takes 1.17-1.26x the time: quality.md), wall time and peak RSS of the process;
+   takes about 1.3x the time: quality.md), wall time and peak RSS of the process;
 2. one Llama-2-7B-shaped decoder layer (hidden 4096, intermediate 11008, random weights): time of
    the calibration forward with second moments per token, of LDRA per solver and of the
    error-compensated rounding (`--rounding gptq`), on this machine.
