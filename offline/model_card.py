@@ -29,14 +29,9 @@ def base_model_name(source_name: str) -> str:
     return path.name or source_name
 
 
-def _codebook_names(fmt: DAQFormat) -> list[str]:
-    """The codebooks the checkpoint uses: `format`, then those of `module_formats` (version 2)."""
-    return [fmt.format, *fmt.codebooks]
-
-
 def _front_matter(fmt: DAQFormat, base_model: str, config: dict[str, Any]) -> list[str]:
     """YAML front matter; scalars and lists are written as JSON, which YAML reads as is."""
-    tags = ["daq", "quantized", *_codebook_names(fmt), f"{fmt.bits}-bit"]
+    tags = ["daq", "quantized", *fmt.codebook_names(), f"{fmt.bits}-bit"]
     lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers",
              f"tags: {json.dumps(tags)}"]
     if any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or []):
@@ -131,7 +126,7 @@ def model_card(report: dict[str, Any], fmt: DAQFormat, source_name: str, config:
     base = base_model_name(source_name)
     lines = [
         *_front_matter(fmt, base, config),
-        f"# {base} ({'+'.join(_codebook_names(fmt))}, {fmt.bits}-bit DAQ)", "",
+        f"# {base} ({'+'.join(fmt.codebook_names())}, {fmt.bits}-bit DAQ)", "",
         f"Weight-only DAQ quantization of `{base}`: the decoder linears are stored as {fmt.bits}-bit codes "
         f"with a scale and offset per group of {fmt.group_size} weights; the other tensors are kept as in the source.",
         "",

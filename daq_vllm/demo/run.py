@@ -156,9 +156,8 @@ def checkpoint_facts(full: Path, daq: Path) -> dict:
     fmt = DAQFormat.from_dict(json.loads((daq / "config.json").read_text())["quantization_config"])
     size = {name: sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20 for name, path in
             (("full", full), ("daq", daq))}
-    codebooks = "+".join(dict.fromkeys([fmt.format, *sorted(set(fmt.module_formats.values()))]))  # --format auto mixes
-    return {"format": codebooks, "group_size": fmt.group_size, "bits_per_weight": fmt.bits_per_weight,
-            "size_mib": size}
+    return {"format": "+".join(fmt.codebook_names()), "group_size": fmt.group_size,
+            "bits_per_weight": fmt.bits_per_weight, "size_mib": size}
 
 
 def summary(facts: dict, ppl: dict, speed: dict, answers: dict, windows: int) -> str:

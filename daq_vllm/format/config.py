@@ -122,6 +122,10 @@ class DAQFormat:
             module_name == m or module_name.startswith(m + ".") for m in self.modules_not_converted
         )
 
+    def codebook_names(self) -> list[str]:
+        """The codebooks the checkpoint uses: `format`, then those of `module_formats` (version 2)."""
+        return [self.format, *self.codebooks]
+
     def format_of(self, module_name: str) -> str:
         """The name of the codebook the quantized linear `module_name` is stored with."""
         return self.module_formats.get(module_name, self.format)
