@@ -1,8 +1,9 @@
 """Speed and memory of DAQ quantization.
 
-1. `daq-vllm quantize` of SmolLM2-135M with full DAQ (W4 fp4_e2m1, g128 unless --format/--group-size
-   say otherwise; `--format auto`, the quantizer's default, screens three codebooks per linear and
-   takes about 1.3x the time: quality.md), wall time and peak RSS of the process;
+1. `daq-vllm quantize` of SmolLM2-135M with the default full DAQ (`--format auto`, g128 unless
+   --format/--group-size say otherwise) in one process and in two (`--nproc 2`: torchrun, gloo; on
+   2 cores the second row shows the distributed overhead, not a gain), and calibration-free DCA:
+   wall time and peak RSS of the processes;
 2. one Llama-2-7B-shaped decoder layer (hidden 4096, intermediate 11008, random weights): time of
    the calibration forward with second moments per token, of LDRA per solver and of the
    error-compensated rounding (`--rounding gptq`), on this machine.
@@ -21,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # noqa: E402
 
 from daq_vllm.format.codebooks import get_codebook  # noqa: E402
-from daq_vllm.offline.compensated import CompensationSpec, compensate  # noqa: E402
+from daq_vllm.offline.compensated import CompensationSpec, InputHessian, compensate  # noqa: E402
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra  # noqa: E402
 from daq_vllm.offline.moments import SecondMoments  # noqa: E402
 from daq_vllm.offline.ranges import InitSpec  # noqa: E402
@@ -39,10 +41,11 @@ LAYER_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def time_cli_quantize(fmt: str, group_size: int, extra: list[str]) -> dict:
+def time_cli_quantize(fmt: str | None, group_size: int, extra: list[str]) -> dict:
     out = CACHE / "quant-speed-out"
     cmd = [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_float_dir()), "--out", str(out),
-           "--overwrite", "--no-progress", "--format", fmt, "--group-size", str(group_size), *extra]
+           "--overwrite", "--no-progress", *(["--format", fmt] if fmt else []), "--group-size", str(group_size),
+           *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.time() - t0
@@ -109,8 +112,8 @@ def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 40
     sync()
     t0 = time.time()
     for name in LAYER_LINEARS:
-        compensate(layer.get_submodule(name).weight.data, acc.full_moment(f"l.{name}"), quantized[name], cb, 128,
-                   CompensationSpec())
+        hess = acc.derive(f"l.{name}", partial(InputHessian, spec=CompensationSpec()))
+        compensate(layer.get_submodule(name).weight.data, hess, quantized[name], cb, 128)
     sync()
     result["gptq_rounding_s"] = round(time.time() - t0, 2)
     return result
@@ -120,10 +123,12 @@ def markdown(payload: dict) -> str:
     lines = ["# Quantization speed", "", f"Machine: {payload['machine']}.", ""]
     if payload.get("smollm2"):
         lines += ["## SmolLM2-135M, `daq-vllm quantize` end to end", "",
-                  "| command | wall s | peak RSS MiB |", "| --- | ---: | ---: |"]
+                  "| command | wall s | peak RSS MiB (largest process) |", "| --- | ---: | ---: |"]
         for r in payload["smollm2"]:
             lines.append(f"| `{r['command']}` | {r['seconds']} | {r['peak_rss_mib']} |")
-        lines.append("")
+        one, two = payload["smollm2"][:2]
+        lines += ["", f"Two processes against one: {two['seconds'] / one['seconds']:.2f}x the wall time "
+                  f"(distributed overhead {100 * (two['seconds'] / one['seconds'] - 1):+.0f}%, goal <= +15%).", ""]
     layer = payload["layer_7b"]
     lines += [f"## One Llama-2-7B-shaped decoder layer on {payload['device']}", "",
               "| step | seconds |", "| --- | ---: |"]
@@ -150,14 +155,15 @@ def main() -> None:
                     help="calibration tokens for the 7B layer (CPU: keep small)")
     ap.add_argument("--hidden", type=int, default=4096, help="layer shape (default: Llama-2-7B)")
     ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--format", default="fp4_e2m1")
+    ap.add_argument("--format", default=None, help="codebook of the SmolLM2 rows (default: the quantizer's)")
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args()
     payload = {"machine": machine(), "device": args.device}
     if not args.skip_model:
         payload["smollm2"] = [
-            time_cli_quantize(args.format, args.group_size, ["--method", "daq", "--rounding", "gptq"]),
-            time_cli_quantize(args.format, args.group_size, ["--method", "dca"]),
+            time_cli_quantize(args.format, args.group_size, []),
+            time_cli_quantize(args.format, args.group_size, ["--nproc", "2"]),
+            time_cli_quantize(args.format or "fp4_e2m1", args.group_size, ["--method", "dca"]),
         ]
         print(payload["smollm2"], flush=True)
     name = "quant_speed" if args.device == "cpu" else f"quant_speed-{args.device.replace(':', '')}"

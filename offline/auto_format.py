@@ -26,7 +26,7 @@ import torch
 from daq_vllm.format.codebooks import Codebook, decode_cost
 
 from .compensated import row_losses
-from .grid import dequantize_weight
+from .grid import dequantize_weight, row_chunks
 from .ldra import LDRASpec, quantize_weight_ldra
 from .moments import SecondMoments
 from .ranges import InitSpec, quantize_weight
@@ -64,15 +64,22 @@ def screen_loss(
     w: torch.Tensor, codebook: Codebook, name: str, moments: SecondMoments | None, how: Screening
 ) -> float:
     """The loss of linear `name` (weight W [N, K]) stored with `codebook`, on its screened rows."""
-    rows = w[:: how.spec.screen_stride]
+    screened = w[:: how.spec.screen_stride]
+    return sum(_chunk_loss(screened[rows], codebook, name, moments, how) for rows in row_chunks(*screened.shape))
+
+
+def _chunk_loss(
+    rows: torch.Tensor, codebook: Codebook, name: str, moments: SecondMoments | None, how: Screening
+) -> float:
+    """`screen_loss` of one chunk of the screened rows."""
     if moments is None:
         qw = quantize_weight(rows, codebook, how.group_size, how.init)
-        return (dequantize_weight(qw, codebook.tensor(w.device), how.group_size) - rows).square().sum().item()
+        return (dequantize_weight(qw, codebook.tensor(rows.device), how.group_size) - rows).square().sum().item()
     qw, stats = quantize_weight_ldra(rows, moments.moments(name), codebook, how.group_size, how.init, how.ldra)
     if not how.compensated:
         return stats.final_loss
-    w_hat = dequantize_weight(qw, codebook.tensor(w.device), how.group_size)
-    return row_losses(w_hat, rows, moments.full_moment(name).to(w.device)).sum().item()
+    w_hat = dequantize_weight(qw, codebook.tensor(rows.device), how.group_size)
+    return row_losses(w_hat, rows, moments.full_moment(name).to(rows.device)).sum().item()
 
 
 def pick(losses: dict[str, float], candidates: list[Codebook], tie_rtol: float) -> Codebook:

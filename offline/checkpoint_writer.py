@@ -57,12 +57,17 @@ class ShardedWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> Path:
-    """Check the destination and make a fresh temp dir beside it."""
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a destination that exists (unless `overwrite`) or is not a directory."""
     if out_dir.exists() and not overwrite:
         raise DAQError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
     if out_dir.exists() and not out_dir.is_dir():
         raise DAQError(f"output path {out_dir} exists and is not a directory")
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> Path:
+    """Check the destination and make a fresh temp dir beside it."""
+    check_output(out_dir, overwrite)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{out_dir.name}.tmp-{os.getpid()}"

@@ -20,6 +20,10 @@ from daq_vllm.format.codebooks import Codebook
 from daq_vllm.kernels.reference import decode_values, expand_groups
 
 MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a stored scale is never 0
+# Output rows a linear is quantized in at once: N x K weights of LDRA, compensation and screening
+# take about a dozen float copies of their rows, so a row chunk holds at most this many weights
+# (64 MiB a copy). It depends on K alone, so results never depend on the machine's memory.
+ROW_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ def split_groups(k: int, group_size: int) -> list[GroupSpan]:
     if k % group_size:
         spans.append(GroupSpan(full * group_size, k, 1, k % group_size, partial=True))
     return spans
+
+
+def row_chunks(n: int, k: int) -> list[slice]:
+    """Output rows [0, N) of a weight [N, K] in chunks of at most ROW_CHUNK_ELEMENTS weights."""
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(k, 1))
+    return [slice(r, min(r + rows, n)) for r in range(0, n, rows)]
 
 
 def group_blocks(weight: torch.Tensor, group_size: int) -> list[torch.Tensor]:

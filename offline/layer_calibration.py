@@ -3,7 +3,8 @@
 With LDRA, calibration blocks flow through the layers one at a time (GPTQ-style): a layer is
 loaded, its linears' input statistics are collected while the activations pass through it, and
 the activations move on to the next layer, through the float layer or (`sequential`) through the
-quantized one.
+quantized one. Run over several processes, each holds its share of the blocks and the statistics
+are summed along them (`distributed.Ranks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from .calibration import calibration_blocks
+from .distributed import Ranks
 from .model_source import DecoderLayer, ModelSource
 from .moments import SecondMoments
 from .options import QuantizeOptions
@@ -24,11 +26,11 @@ Decoded = Callable[[str, int], torch.Tensor]  # (linear name, in_features) -> it
 class LayerCalibration:
     """The activations entering the current decoder layer, for every calibration block."""
 
-    def __init__(self, source: ModelSource, layers: list[DecoderLayer], opts: QuantizeOptions):
-        self.source, self.opts = source, opts
+    def __init__(self, source: ModelSource, layers: list[DecoderLayer], opts: QuantizeOptions, ranks: Ranks):
+        self.source, self.opts, self.ranks = source, opts, ranks
         blocks = calibration_blocks(source.tokenizer(), opts.calib)
-        self.runner = LayerRunner(source, layers, opts.device)
-        self.hidden = self.runner.first_inputs(blocks)
+        self.runner = LayerRunner(source, layers, opts.device, "cpu" if opts.offload_activations else None)
+        self.hidden = self.runner.first_inputs(blocks[ranks.share(len(blocks))])
 
     def collect(self, layer: DecoderLayer, names: list[str]) -> tuple[SecondMoments, torch.Tensor]:
         """Load `layer` and pass the activations through it: its linears' input statistics, its float outputs."""
@@ -36,10 +38,21 @@ class LayerCalibration:
         moments = SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
         moments.attach(layer.module, layer.name, names)
         try:
-            outputs = self.runner.forward(layer.module, self.hidden, before_each=moments.new_pass)
+            outputs = self.ranks.chain_moments(
+                moments, lambda: self.runner.forward(layer.module, self.hidden, moments.new_pass))
         finally:
             moments.detach()
         return moments, outputs
+
+    def weight(self, layer: DecoderLayer, name: str) -> torch.Tensor:
+        """The float32 weight of linear `name` as `collect` loaded it (no second copy)."""
+        return layer.module.get_submodule(name[len(layer.name) + 1 :]).weight.data
+
+    def drop_weight(self, layer: DecoderLayer, name: str) -> None:
+        """Free the float weight of linear `name` once quantized: the layer's float outputs are
+        computed already, and `advance` loads what it needs again."""
+        set_parameter(layer.module, f"{name[len(layer.name) + 1 :]}.weight",
+                      torch.empty_like(self.weight(layer, name), device="meta"))
 
     def advance(
         self, layer: DecoderLayer, names: list[str], decoded: Decoded, float_outputs: torch.Tensor | None = None

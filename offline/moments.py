@@ -3,11 +3,15 @@
 Forward pre-hooks on the linears accumulate, batch by batch, the block-diagonal second moment of
 their inputs per group, `sum_t x_t,j x_t,j^T` (or the full `X^T X` when error-compensated rounding
 needs it). The blocks follow `grid.split_groups`: the full groups, then the partial last group.
+
+Memory: once read, the sums become moments in place (divided by the token count); a full moment's
+diagonal blocks are copied out once, and `done` drops an input's statistics after its last reader,
+so a layer holds the K x K moments of the inputs still to be quantized only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,6 +35,9 @@ class SecondMoments:
         self.alias: dict[str, str] = {}
         self._pass_inputs: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._blocks: dict[str, list[torch.Tensor]] | None = None  # per input, once finalized
+        self._derived: dict[str, Any] = {}
+        self._pending: dict[str, set[str]] = {}  # per input, its readers not yet `done`
 
     def attach(self, layer: nn.Module, prefix: str, linear_names: list[str]) -> None:
         """Hook the linears `linear_names` (full names, under `prefix`) of `layer`."""
@@ -60,6 +67,8 @@ class SecondMoments:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        if self._blocks is not None:
+            raise RuntimeError("SecondMoments: statistics were already read; accumulate before reading them")
         t = x.shape[0]
         parts = [x.T @ x] if self.full else self._group_products(x)
         if name not in self.sums:
@@ -82,21 +91,58 @@ class SecondMoments:
                 parts.append(torch.bmm(xg.transpose(1, 2), xg))
         return parts
 
+    def running_state(self) -> tuple[dict[str, list[torch.Tensor]], dict[str, int], dict[str, str]]:
+        """The running sums, token counts and shared inputs, for another process to continue from."""
+        return self.sums, self.tokens, self.alias
+
+    def continue_from(self, state: tuple[dict[str, list[torch.Tensor]], dict[str, int], dict[str, str]]) -> None:
+        """Go on from another accumulator's `running_state`: its blocks are summed first, then ours."""
+        self.sums, self.tokens, self.alias = state[0], dict(state[1]), dict(state[2])
+
     def input_owner(self, name: str) -> str:
         """The first linear of the pass that read the same input as `name` (itself if none did)."""
         return self.alias.get(name, name)
 
+    def _finalize(self) -> dict[str, list[torch.Tensor]]:
+        """Sums -> moments in place (once), and each input's per-group blocks."""
+        if self._blocks is None:
+            self._blocks = {}
+            for owner, sums in self.sums.items():
+                for s in sums:
+                    s.div_(self.tokens[owner])
+                self._blocks[owner] = diagonal_blocks(sums[0], self.group_size) if self.full else sums
+            for name in [*self.sums, *self.alias]:
+                self._pending.setdefault(self.input_owner(name), set()).add(name)
+        return self._blocks
+
     def moments(self, name: str) -> list[torch.Tensor]:
         """Per block of groups (full groups, then the partial one): H = X^T X / T, [G, L, L]."""
-        if self.full:
-            return diagonal_blocks(self.full_moment(name), self.group_size)
-        owner = self.input_owner(name)
-        return [s / self.tokens[owner] for s in self.sums[owner]]
+        return self._finalize()[self.input_owner(name)]
 
     def full_moment(self, name: str) -> torch.Tensor:
-        """H = X^T X / T [K, K]; only with `full`."""
+        """H = X^T X / T [K, K]; only with `full`, and only until `derive` took it over."""
+        self._finalize()
+        return self.sums[self.input_owner(name)][0]
+
+    def derive(self, name: str, make: Callable[[torch.Tensor], Any]) -> Any:
+        """`make(H)` for the input of `name`, made once per input: `make` takes H over (it may
+        change it in place), so `full_moment` of that input is no longer available."""
         owner = self.input_owner(name)
-        return self.sums[owner][0] / self.tokens[owner]
+        if owner not in self._derived:
+            self._finalize()
+            self._derived[owner] = make(self.sums.pop(owner)[0])
+        return self._derived[owner]
+
+    def done(self, name: str) -> None:
+        """`name` is quantized: after the last reader of its input, drop that input's statistics."""
+        self._finalize()
+        owner = self.input_owner(name)
+        pending = self._pending.get(owner)
+        if pending is not None:
+            pending.discard(name)
+            if not pending:
+                for held in (self.sums, self._blocks, self._derived, self._pending):
+                    held.pop(owner, None)
 
 
 def diagonal_blocks(h: torch.Tensor, group_size: int) -> list[torch.Tensor]:

@@ -71,6 +71,8 @@ class QuantizeOptions:
     quantize_lm_head: bool = False
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
+    max_memory: float | None = None  # GiB the compute device may use (None: all of it); see memory.py
+    offload_activations: bool = False  # calibration activations between layers on the host, not the device
     overwrite: bool = False
     resume: bool = False
     progress: bool = True

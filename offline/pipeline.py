@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,10 +30,13 @@ from daq_vllm.format import OFFSETS, QWEIGHT, SCALES, Codebook, DAQFormat
 from daq_vllm.kernels import dequantize, pack_codes
 
 from .auto_format import Choice, Screening, choose_codebooks
-from .checkpoint_writer import ShardedWriter, commit_output, prepare_output
-from .compensated import compensate
+from .checkpoint_writer import ShardedWriter, check_output, commit_output, prepare_output
+from .compensated import InputHessian, compensate
+from .distributed import Ranks, check_distributed
+from .grid import row_chunks
 from .layer_calibration import LayerCalibration
 from .ldra import quantize_weight_ldra
+from .memory import PeakMemory, check_memory, plan_memory, return_freed_memory
 from .model_card import CARD_FILE, model_card
 from .model_source import DecoderLayer, ModelSource, open_model
 from .moments import SecondMoments
@@ -83,23 +86,33 @@ class LinearQuantizer:
     def __call__(self, name: str, w: torch.Tensor, moments: SecondMoments | None, choice: Choice) -> QuantizedLinear:
         """Quantize W [N, K] of linear `name` with the codebook of `choice`: by the initializer alone
         without `moments`, else LDRA against its input statistics and, with compensation, GPTQ-style
-        codes on the tuned grids."""
+        codes on the tuned grids. Rows go in chunks (`grid.row_chunks`), so the working memory of a
+        large linear stays bounded; every step treats output rows independently."""
         opts, codebook = self.opts, choice.codebook
-        ldra_loss = full_loss = None
-        if moments is None:
-            qw = quantize_weight(w, codebook, opts.group_size, opts.init)
-        else:
-            qw, stats = quantize_weight_ldra(w, moments.moments(name), codebook, opts.group_size, opts.init, opts.ldra)
-            ldra_loss = (stats.initial_loss, stats.final_loss)
-            if opts.compensation is not None:
-                qw, full_loss = compensate(w, moments.full_moment(name), qw, codebook, opts.group_size,
-                                           opts.compensation)
-        packed = pack_codes(qw.codes, codebook.bits)
-        w_hat = self.dequantize(packed, qw.scales, qw.offsets, w.shape[1], codebook)
-        rel_error = ((w_hat - w).norm() / w.norm().clamp_min(1e-30)).item()
-        tensors = {f"{name}.{QWEIGHT}": packed.cpu(), f"{name}.{SCALES}": qw.scales.cpu(),
-                   f"{name}.{OFFSETS}": qw.offsets.cpu()}
-        report = LinearReport(rel_error, ldra_loss, full_loss, codebook.name, choice.losses or None)
+        calibrated, compensated = moments is not None, moments is not None and opts.compensation is not None
+        hess = moments.derive(name, partial(InputHessian, spec=opts.compensation)) if compensated else None
+        ldra_loss, full_loss, err2 = [0.0, 0.0], [0.0, 0.0], 0.0
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for rows in row_chunks(*w.shape):
+            wc = w[rows]
+            if not calibrated:
+                qw = quantize_weight(wc, codebook, opts.group_size, opts.init)
+            else:
+                qw, stats = quantize_weight_ldra(wc, moments.moments(name), codebook, opts.group_size, opts.init,
+                                                 opts.ldra)
+                ldra_loss = [ldra_loss[0] + stats.initial_loss, ldra_loss[1] + stats.final_loss]
+                if hess is not None:
+                    qw, (before, after) = compensate(wc, hess, qw, codebook, opts.group_size)
+                    full_loss = [full_loss[0] + before, full_loss[1] + after]
+            packed = pack_codes(qw.codes, codebook.bits)
+            w_hat = self.dequantize(packed, qw.scales, qw.offsets, w.shape[1], codebook)
+            err2 += (w_hat - wc).double().square().sum().item()
+            parts.append((packed.cpu(), qw.scales.cpu(), qw.offsets.cpu()))
+        rel_error = (err2 / max(w.double().square().sum().item(), 1e-60)) ** 0.5
+        kinds = (QWEIGHT, SCALES, OFFSETS)
+        tensors = {f"{name}.{kind}": torch.cat([p[i] for p in parts]) for i, kind in enumerate(kinds)}
+        report = LinearReport(rel_error, tuple(ldra_loss) if calibrated else None,
+                              tuple(full_loss) if compensated else None, codebook.name, choice.losses or None)
         return QuantizedLinear(tensors, report)
 
     def dequantize(
@@ -121,48 +134,84 @@ class LinearQuantizer:
 
 def _layer_step(
     i: int, layer: DecoderLayer, names: list[str], quantizer: LinearQuantizer,
-    calibration: LayerCalibration | None, store: ResumeStore,
+    calibration: LayerCalibration | None, store: ResumeStore | None, ranks: Ranks,
 ) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
-    """One decoder layer: its saved result on --resume, else (calibrate and) quantize its linears `names`."""
-    saved = store.load(i)
-    if saved is not None:
-        tensors, entries = saved
+    """One decoder layer: its saved result on --resume, else (calibrate and) quantize its linears `names`.
+
+    Over several processes, each quantizes the linears it owns and the leader (the only one with a
+    `store`) gets every result; the others return empty dicts.
+    """
+    saved = store.load(i) if store is not None else None
+    if ranks.from_leader(saved is not None):
+        tensors, entries = saved if saved is not None else ({}, {})
         reports = {n: LinearReport.from_dict(e) for n, e in entries.items()}
         if calibration is not None:
             calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports))
         return tensors, reports
-    moments, outputs = calibration.collect(layer, names) if calibration is not None else (None, None)
-    weights = {n: quantizer.weight(f"{n}.weight") for n in names}
+    if calibration is not None:
+        moments, outputs = calibration.collect(layer, names)
+        mine = _owned(names, moments, {n: calibration.weight(layer, n).shape for n in names}, ranks)
+        weights = {n: _checked(f"{n}.weight", calibration.weight(layer, n)) for n in mine}
+        for n in names:
+            if n not in weights:
+                moments.done(n)
+                calibration.drop_weight(layer, n)
+    else:
+        moments = outputs = None
+        weights = {n: quantizer.weight(f"{n}.weight") for n in names}
     choices = quantizer.choose(weights, moments)
-    results = {n: quantizer(n, weights[n], moments, choices[n]) for n in names}
+    results = {}
+    for n in list(weights):  # each linear's statistics and float weight go as soon as it is quantized
+        results[n] = quantizer(n, weights.pop(n), moments, choices[n])
+        if calibration is not None:
+            moments.done(n)
+            calibration.drop_weight(layer, n)
+        return_freed_memory()
+    gathered = ranks.gather(results)
+    results = {n: r for part in gathered for n, r in part.items()} if gathered is not None else {}
+    results = {n: results[n] for n in names if n in results}
     tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
     reports = {n: r.report for n, r in results.items()}
     if calibration is not None:
         calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports), outputs)
-    store.save(i, tensors, {n: r.to_dict() for n, r in reports.items()})
+    if store is not None:
+        store.save(i, tensors, {n: r.to_dict() for n, r in reports.items()})
     return tensors, reports
 
 
+def _owned(names: list[str], moments: SecondMoments, shapes: dict[str, torch.Size], ranks: Ranks) -> list[str]:
+    """The linears of `names` this rank quantizes: whole groups reading one input (they choose one
+    codebook together), balanced over the ranks by work."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(moments.input_owner(n), []).append(n)
+    owner = ranks.owners({g: [tuple(shapes[n]) for n in members] for g, members in groups.items()})
+    return [n for n in names if owner[moments.input_owner(n)] == ranks.rank]
+
+
 def _quantize_targets(
-    targets: Targets, quantizer: LinearQuantizer, calibration: LayerCalibration | None, store: ResumeStore,
-    writer: ShardedWriter, progress: bool,
+    targets: Targets, quantizer: LinearQuantizer, calibration: LayerCalibration | None, store: ResumeStore | None,
+    writer: ShardedWriter | None, progress: bool, ranks: Ranks,
 ) -> list[dict[str, Any]]:
-    """Every decoder layer, then the head: their tensors go to `writer`; returns the report's `layers`."""
+    """Every decoder layer, then the head: their tensors go to `writer`; returns the report's `layers`
+    (on the leader; the other ranks only take part in the layers and return [])."""
     entries = []
     n_layers = len(targets.layers)
-    bar = tqdm(total=n_layers + bool(targets.head), desc="quantize", unit="layer", disable=not progress,
-               file=sys.stderr)
+    shown = progress and ranks.leader
+    bar = tqdm(total=n_layers + bool(targets.head), desc="quantize", unit="layer", disable=not shown, file=sys.stderr)
     with bar:
         for i, (layer, names) in enumerate(zip(targets.layers, targets.linears)):
-            tensors, reports = _layer_step(i, layer, names, quantizer, calibration, store)
+            tensors, reports = _layer_step(i, layer, names, quantizer, calibration, store, ranks)
+            if not ranks.leader:
+                continue
             _add_all(writer, tensors)
             entries.append(layer_entry(i, reports))
             mean_err = entries[-1]["mean_rel_error"]
             bar.update()
             bar.set_postfix(rel_err=f"{mean_err:.4f}")
-            if progress:
+            if shown:
                 tqdm.write(f"layer {i + 1}/{n_layers}: mean relative weight error {mean_err:.5f}", file=sys.stderr)
-        for name, tensor_name in targets.head.items():
+        for name, tensor_name in targets.head.items() if ranks.leader else ():
             w = quantizer.weight(tensor_name)
             q = quantizer(name, w, None, quantizer.choose({name: w}, None)[name])
             _add_all(writer, q.tensors)
@@ -201,7 +250,7 @@ def _writing(tmp: Path, store: ResumeStore) -> Iterator[None]:
     except OSError as e:
         raise DAQError(f"writing the checkpoint failed: {e.strerror or e} ({e.filename or tmp}); "
                        "check free disk space and permissions") from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: torchrun stopped this rank (SIGTERM)
         if store.finished():
             print(f"interrupted: {store.finished()} finished layers kept; rerun with --resume to continue",
                   file=sys.stderr)
@@ -213,27 +262,48 @@ def _writing(tmp: Path, store: ResumeStore) -> Iterator[None]:
             store.remove()
 
 
-def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) -> dict[str, Any]:
-    """Quantize `model_path` into a DAQ checkpoint at `out_dir`; return the quantization report."""
+def quantize_model(model_path: str, out_dir: str | Path, opts: QuantizeOptions) -> dict[str, Any] | None:
+    """Quantize `model_path` into a DAQ checkpoint at `out_dir`; return the quantization report.
+
+    Under `torchrun` every process calls this; rank 0 writes the checkpoint and returns the report,
+    the others return None (`distributed.py`).
+    """
     check_options(opts)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not opts.overwrite:  # fail before the (slow) model load
-        raise DAQError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    ranks = Ranks.start(opts.device)
+    try:
+        check_distributed(opts, ranks.world)
+        return _quantize(model_path, Path(out_dir).expanduser(), opts, ranks)
+    finally:
+        ranks.stop()
+
+
+def _quantize(model_path: str, out: Path, opts: QuantizeOptions, ranks: Ranks) -> dict[str, Any] | None:
+    check_output(out, opts.overwrite)  # fail before the (slow) model load
     t0 = time.time()
     source = open_model(model_path, opts.revision)
     targets = plan_targets(source, opts)
     quantizer = LinearQuantizer(source, opts)
-    calibration = LayerCalibration(source, targets.layers, opts) if opts.ldra is not None else None
+    share = ranks.share(opts.calib.nsamples) if opts.ldra is not None else slice(0, opts.calib.nsamples)
+    plan = plan_memory(source, targets, replace(opts, calib=replace(opts.calib, nsamples=share.stop - share.start)))
+    if ranks.leader:
+        print(plan.summary() + (f" per process, {ranks.world} processes" if ranks.world > 1 else ""), file=sys.stderr)
+    check_memory(source, targets, opts, plan)
+    calibration = LayerCalibration(source, targets.layers, opts, ranks) if opts.ldra is not None else None
+    if not ranks.leader:
+        _quantize_targets(targets, quantizer, calibration, None, None, False, ranks)
+        return None
     store = ResumeStore(out, run_fingerprint(model_path, opts), opts.resume)
     tmp = prepare_output(out, opts.overwrite)
-    with _writing(tmp, store):
+    with PeakMemory(opts.device) as peak, _writing(tmp, store):
         writer = ShardedWriter(tmp, opts.max_shard_bytes)
         for name in targets.untouched(source):
             writer.add(name, _checked(name, source.tensor(name)))
-        layers = _quantize_targets(targets, quantizer, calibration, store, writer, opts.progress)
+        layers = _quantize_targets(targets, quantizer, calibration, store, writer, opts.progress, ranks)
         writer.finish()
         fmt = checkpoint_format(layers, opts, targets.not_converted(source), str(source.path))
-        report = build_report(fmt, len(targets.quantized), time.time() - t0, layers)
+        memory = {"device": opts.device, "estimated_peak_bytes": plan.device_peak,
+                  "measured_peak_bytes": peak.device_peak}
+        report = build_report(fmt, len(targets.quantized), time.time() - t0, layers, memory)
         _write_config(tmp, source, fmt, report, targets.tied_head)
         commit_output(tmp, out)
     return report

@@ -119,13 +119,16 @@ def format_counts(layers: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def build_report(fmt: DAQFormat, quantized_linears: int, seconds: float, layers: list[dict]) -> dict[str, Any]:
-    """The content of `quantization_report.json`."""
+def build_report(
+    fmt: DAQFormat, quantized_linears: int, seconds: float, layers: list[dict], memory: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of `quantization_report.json`; `memory` holds the estimated and measured peak."""
     return {
         "format": fmt.to_dict(),
         "bits_per_weight": fmt.bits_per_weight,
         "quantized_linears": quantized_linears,
         "formats": format_counts(layers),
         "seconds": round(seconds, 2),
+        "memory": memory,
         "layers": layers,
     }

@@ -26,7 +26,8 @@ from daq_vllm.model_files import resolve_model_path
 
 from .options import QuantizeOptions
 
-_VOLATILE_OPTIONS = ("overwrite", "resume", "progress", "max_shard_bytes")  # free to change between tries
+# free to change between tries (none changes a byte of the result)
+_VOLATILE_OPTIONS = ("overwrite", "resume", "progress", "max_shard_bytes", "max_memory", "offload_activations")
 
 
 def run_fingerprint(model_path: str, opts: QuantizeOptions) -> dict[str, Any]:

@@ -45,15 +45,15 @@ class _Stop(Exception):
 class _Catcher(nn.Module):
     """Stands in for decoder layer 0 to record its inputs, then stops the forward pass."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, keep_on: str):
         super().__init__()
-        self.layer = layer
+        self.layer, self.keep_on = layer, keep_on
         self.hidden: list[torch.Tensor] = []
         self.args: tuple = ()
         self.kwargs: dict[str, Any] | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> NoReturn:
-        self.hidden.append(hidden_states.detach())
+        self.hidden.append(hidden_states.detach().to(self.keep_on))
         if self.kwargs is None:
             self.args, self.kwargs = args, kwargs
         raise _Stop
@@ -68,8 +68,10 @@ class _Catcher(nn.Module):
 class LayerRunner:
     """Feeds calibration blocks through the model's decoder layers, one layer at a time."""
 
-    def __init__(self, source: ModelSource, layers: list[DecoderLayer], device: str):
+    def __init__(self, source: ModelSource, layers: list[DecoderLayer], device: str, keep_on: str | None = None):
+        """`keep_on`: where the activations between layers live (default: `device`)."""
         self.source, self.layers, self.device = source, layers, device
+        self.keep_on = keep_on or device
         self.args: tuple = ()
         self.kwargs: dict[str, Any] = {}
 
@@ -78,7 +80,7 @@ class LayerRunner:
         list_name = self.layers[0].name.rsplit(".", 1)[0]
         layer_list = self.source.skeleton.get_submodule(list_name)
         self._load_outside(list_name)
-        catcher = _Catcher(layer_list[0])
+        catcher = _Catcher(layer_list[0], self.keep_on)
         layer_list[0] = catcher
         try:
             with torch.no_grad():
@@ -113,11 +115,12 @@ class LayerRunner:
     def forward(
         self, layer: nn.Module, hidden: torch.Tensor, before_each: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """Run every block through `layer` (batch 1, as captured); returns the outputs."""
+        """Run every block through `layer` (batch 1, as captured); returns the outputs, on `hidden`'s
+        device (the host with --offload-activations)."""
         out = torch.empty_like(hidden)
         for i in range(hidden.shape[0]):
             if before_each is not None:
                 before_each()
-            y = layer(hidden[i : i + 1], *self.args, **self.kwargs)
+            y = layer(hidden[i : i + 1].to(self.device), *self.args, **self.kwargs)
             out[i] = (y[0] if isinstance(y, tuple) else y)[0]
         return out

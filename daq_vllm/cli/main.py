@@ -6,6 +6,7 @@ Bad input ends with one line on stderr (`daq-vllm: error: ...`), exit code 2 and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
@@ -38,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command that relaunches itself passes on
     try:
         return COMMANDS[args.command].run(args)
     except DAQError as e:
-        print(f"daq-vllm: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says so
+            print(f"daq-vllm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("daq-vllm: interrupted; no output was written", file=sys.stderr)

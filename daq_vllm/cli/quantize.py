@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 from ..errors import DAQError
+
+EXIT_FAILED = 1
+_RANK_FAILED = re.compile(r"failed \(exitcode: (\d+)\)")  # torchrun's log line for the first failed rank
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,16 +66,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave linears matching this glob in full precision (repeatable)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default: cpu)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory the compute device may use, in GiB (default: all of it); quantize estimates its peak "
+                        "before the first layer and refuses, naming options that fit, when it is above")
     p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB",
                    help="safetensors shard size bound in GB (default: 2)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations between layers on the host, not the --device GPU")
+    p.add_argument("--nproc", type=int, default=1, metavar="R",
+                   help="processes to split calibration over on this machine (launches torchrun; default: 1); "
+                        "several machines: run `torchrun ... -m daq_vllm.cli quantize` on each")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def launch(args: argparse.Namespace) -> int:
+    """`--nproc R`: the same command under torchrun, R processes on this machine, threads split among
+    them. The ranks' output passes through; torchrun's own report of a failed rank (a traceback of
+    its launcher) is dropped, since rank 0 has said what went wrong in one line."""
+    import os
+    import subprocess
+    import sys
+
+    argv, rest = list(args.argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--nproc":
+            argv.pop(0)
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    env = dict(os.environ)
+    if not args.device.startswith("cuda"):
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "daq_vllm.cli", *rest]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    code, launcher_report = 0, False
+    for line in proc.stderr:
+        launcher_report = launcher_report or line.startswith("Traceback") or "torch.distributed.elastic" in line
+        failed = _RANK_FAILED.search(line) if "torch/distributed/" in line else None
+        if failed:
+            code = code or int(failed.group(1))
+        elif not launcher_report and "torch/distributed/" not in line:
+            sys.stderr.write(line)
+    return 0 if proc.wait() == 0 else code or EXIT_FAILED
+
+
 def run(args: argparse.Namespace) -> int:
     from ..offline.calibration import CalibSpec
+    from ..offline.checkpoint_writer import check_output
+    from ..offline.distributed import check_distributed
     from ..offline.ldra import LDRASpec
-    from ..offline.options import AUTO, recipe_options
+    from ..offline.options import AUTO, check_options, recipe_options
     from ..offline.pipeline import quantize_model
     from ..offline.ranges import InitSpec
 
@@ -78,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         raise DAQError(f"--dca-shrink {args.dca_shrink} is out of range; use a value in (0, 4]")
     if args.max_shard_size <= 0:
         raise DAQError("--max-shard-size must be positive")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise DAQError("--max-memory must be positive (GiB)")
+    if args.nproc < 1:
+        raise DAQError("--nproc must be at least 1")
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
     opts = recipe_options(
@@ -97,15 +148,27 @@ def run(args: argparse.Namespace) -> int:
         quantize_lm_head=args.quantize_lm_head,
         device=args.device,
         max_shard_bytes=int(args.max_shard_size * 1024**3),
+        max_memory=args.max_memory,
+        offload_activations=args.offload_activations,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         revision=args.revision,
     )
+    if args.nproc > 1:  # refuse what every rank would refuse before starting them
+        check_options(opts)
+        check_distributed(opts, args.nproc)
+        check_output(Path(args.out).expanduser(), opts.overwrite)
+        return launch(args)
     report = quantize_model(args.model, args.out, opts)
+    if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     print(
         f"wrote {args.out}: {report['quantized_linears']} linears as {opts.format} g{args.group_size} "
         f"({report['bits_per_weight']:.2f} bits/weight) in {report['seconds']:.1f} s"
     )
+    memory = report["memory"]
+    print(f"peak memory on {memory['device']}: {memory['measured_peak_bytes'] / 1024**3:.2f} GiB measured, "
+          f"{memory['estimated_peak_bytes'] / 1024**3:.2f} GiB estimated")
     if opts.format == AUTO:
         print("codebooks chosen: " + ", ".join(f"{name} {count}" for name, count in report["formats"].items()))
     return 0

@@ -8,7 +8,13 @@ from test_ldra import accumulate, calib_file, daq_args
 
 from daq_vllm import cli
 from daq_vllm.format.codebooks import get_codebook
-from daq_vllm.offline.compensated import CompensationSpec, compensate, compensated_codes, row_losses
+from daq_vllm.offline.compensated import (
+    CompensationSpec,
+    InputHessian,
+    compensate,
+    compensated_codes,
+    row_losses,
+)
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra
 from daq_vllm.offline.ranges import InitSpec
 
@@ -47,13 +53,13 @@ def dequant(qw, cb, g, k):
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "int3"])
 def test_compensation_lowers_the_full_output_error_and_keeps_the_grids(fmt):
     w, h, qw, cb = correlated_problem(fmt)
-    new, (before, after) = compensate(w, h, qw, cb, 64, CompensationSpec())
+    new, (before, after) = compensate(w, InputHessian(h.clone(), CompensationSpec()), qw, cb, 64)
     assert torch.equal(new.scales, qw.scales) and torch.equal(new.offsets, qw.offsets)
     assert new.codes.shape == qw.codes.shape and int(new.codes.max()) < 2**cb.bits
     rows_before = row_losses(dequant(qw, cb, 64, 192), w, h)
     rows_after = row_losses(dequant(new, cb, 64, 192), w, h)
     assert (rows_after <= rows_before).all()
-    assert (before, after) == pytest.approx((rows_before.sum().item(), rows_after.sum().item()), rel=1e-9)
+    assert (before, after) == pytest.approx((rows_before.sum().item(), rows_after.sum().item()), rel=1e-6)
     assert after < 0.9 * before  # correlated inputs: compensation must pay off clearly
 
 
@@ -66,7 +72,7 @@ def test_uncorrelated_inputs_give_the_nearest_codes(act_order):
     cb = get_codebook("nf4")
     blocks = [torch.stack([h[i : i + 64, i : i + 64] for i in (0, 64)])]
     qw, _ = quantize_weight_ldra(w, blocks, cb, 64, InitSpec("dca"), LDRASpec())
-    codes = compensated_codes(w, h, qw, cb, 64, CompensationSpec(act_order=act_order, block=48))
+    codes = compensated_codes(w, InputHessian(h, CompensationSpec(act_order=act_order, block=48)), qw, cb, 64)
     assert torch.equal(codes, qw.codes)
 
 

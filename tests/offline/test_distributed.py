@@ -1,0 +1,118 @@
+"""Quantization over 2 processes (torchrun, gloo): the bytes of one process, a killed rank, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_ldra import calib_file
+
+from daq_vllm import cli
+from daq_vllm.offline.distributed import Ranks
+
+# Bit-identity holds for the same threads per process: matmuls may sum in another order with more.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def args(src, out, calib, *extra):
+    return ["quantize", str(src), "--out", str(out), "--group-size", "64", "--calib", str(calib), "--nsamples", "7",
+            "--seqlen", "48", "--no-progress", *extra]
+
+
+def quantize(*argv, env=ONE_THREAD):
+    return subprocess.run([sys.executable, "-m", "daq_vllm.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def assert_same_checkpoint(a, b):
+    ta = load_file(next(a.glob("model-*.safetensors")))
+    tb = load_file(next(b.glob("model-*.safetensors")))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (a / "config.json").read_text() == (b / "config.json").read_text()
+    ra, rb = (json.loads((d / "quantization_report.json").read_text())["layers"] for d in (a, b))
+    assert ra == rb
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    calib = calib_file(root)
+    proc = quantize(*args(tiny_llama, root / "q", calib))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "q", calib
+
+
+def test_two_processes_write_the_bytes_of_one(tiny_llama, one_process, tmp_path):
+    single, calib = one_process
+    proc = quantize(*args(tiny_llama, tmp_path / "two", calib, "--nproc", "2"), env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 processes" in proc.stderr and "torch/distributed" not in proc.stderr
+    assert proc.stdout.count("wrote ") == 1  # rank 0 reports, rank 1 stays quiet
+    assert_same_checkpoint(single, tmp_path / "two")
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from daq_vllm import cli
+    from daq_vllm.offline import pipeline
+
+    out = Path(sys.argv[sys.argv.index("--out") + 1])
+    real = pipeline._layer_step
+
+    def layer_step(i, *a, **k):
+        if i == 1 and os.environ["RANK"] == "1":  # once rank 0 has saved layer 0, rank 1 dies
+            while not (out.parent / f".{out.name}.resume" / "layer-00000.safetensors").exists():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(i, *a, **k)
+
+    pipeline._layer_step = layer_step
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_killed_rank_leaves_no_checkpoint_and_resume_finishes_it(tiny_llama, one_process, tmp_path):
+    single, calib = one_process
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    out = tmp_path / "resumed"
+    killed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(killer),
+         *args(tiny_llama, out, calib)], capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert killed.returncode != 0
+    assert not out.exists() and not list(tmp_path.glob(".resumed.tmp-*"))  # nothing that looks like a checkpoint
+    assert (tmp_path / ".resumed.resume" / "layer-00000.safetensors").is_file()
+
+    resumed = quantize(*args(tiny_llama, out, calib, "--nproc", "2", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from 1 finished layers" in resumed.stderr
+    assert_same_checkpoint(single, out)
+    assert not (tmp_path / ".resumed.resume").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dca"], "--method dca has no calibration to split over 2 processes"),
+    (["--sequential"], "--sequential feeds each layer the quantized previous layers' outputs"),
+])
+def test_what_a_distributed_run_cannot_do_is_refused_before_it_starts(tiny_llama, tmp_path, capsys, extra, message):
+    code = cli.main(["quantize", str(tiny_llama), "--out", str(tmp_path / "o"), "--nproc", "2", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_owners_take_whole_input_groups_largest_work_first():
+    groups = {"qkv": [(192, 192), (64, 192), (64, 192)], "o": [(192, 192)], "gate_up": [(320, 192)] * 2,
+              "down": [(192, 320)]}
+    owner = Ranks(0, 2).owners(groups)
+    assert set(owner) == set(groups) and set(owner.values()) == {0, 1}
+    work = {g: sum(n * k + k * k for n, k in s) for g, s in groups.items()}
+    loads = [sum(w for g, w in work.items() if owner[g] == r) for r in (0, 1)]
+    assert max(loads) - min(loads) <= max(work.values())
+    assert Ranks(1, 2).owners(groups) == owner  # every rank computes the same plan
+    assert Ranks(0, 2).share(7) == slice(0, 3) and Ranks(1, 2).share(7) == slice(3, 7)
