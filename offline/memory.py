@@ -9,7 +9,7 @@ The model, in bytes (f = 4: everything the quantizer computes with is float32), 
     rounding     R = the Cholesky factor of the damped inverse moment, K^2 f, and K^2 f more while
                      it is computed (`compensated.InputHessian`)
     working      Q = LDRA on one row chunk (`grid.row_chunks`): LDRA_COPIES floats per weight, and
-                     WORKING_BASE
+                     WORKING_BASE (without calibration: INIT_COPIES floats per weight)
 
     peak(layer) = A + max(W + M + max(F, Q),                  calibration forward, --format auto
                           max over its linears n, in order:   quantizing n
@@ -54,7 +54,7 @@ F32 = 4
 GIB = 1024**3
 LDRA_COPIES = 14  # float32 copies of a row chunk at LDRA's peak, beyond WORKING_BASE (measured: 11-14)
 INIT_COPIES = 6  # the same without calibration (initializer and rounding only)
-WORKING_BASE = 128 * 1024**2  # what a linear's quantization adds whatever its size (measured: ~90-120 MiB)
+WORKING_BASE = 128 * 1024**2  # what LDRA adds whatever a linear's size (measured: ~90-120 MiB)
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
 
 
@@ -126,9 +126,9 @@ def _linear_shapes(module: nn.Module, prefix: str, names: list[str]) -> dict[str
     return {n: tuple(module.get_submodule(n[len(prefix) + 1 :]).weight.shape) for n in names}
 
 
-def _working(n: int, k: int, copies: int) -> int:
+def _working(n: int, k: int, copies: int, base: int = WORKING_BASE) -> int:
     rows = row_chunks(n, k)[0]
-    return WORKING_BASE + copies * (rows.stop - rows.start) * k * F32
+    return base + copies * (rows.stop - rows.start) * k * F32
 
 
 def layer_memory(
@@ -138,7 +138,7 @@ def layer_memory(
     shapes = _linear_shapes(module, name, linears)
     params = sum(p.numel() for p in module.parameters()) * F32
     if opts.ldra is None:  # no calibration: the layer's weights and the initializer's working set
-        working = max((_working(n, k, INIT_COPIES) for n, k in shapes.values()), default=0)
+        working = max((_working(n, k, INIT_COPIES, 0) for n, k in shapes.values()), default=0)
         return LayerMemory(name, params + working, params, 0, 0, working)
     s, t = opts.calib.nsamples, opts.calib.seqlen
     full = opts.compensation is not None
@@ -229,8 +229,8 @@ def plan_memory(source: ModelSource, targets: Targets, opts: QuantizeOptions, pr
               for lay, names in zip(targets.layers, targets.linears)]
     for name, tensor_name in targets.head.items():
         n, k = source.skeleton.get_submodule(name).weight.shape
-        w = n * k * F32
-        layers.append(LayerMemory(name, w + _working(n, k, INIT_COPIES), w, 0, 0, _working(n, k, INIT_COPIES)))
+        w, working = n * k * F32, _working(n, k, INIT_COPIES, 0)
+        layers.append(LayerMemory(name, w + working, w, 0, 0, working))
     largest = max(layers, key=lambda m: m.peak, default=LayerMemory("-", 0, 0, 0, 0, 0))
     outside = _outside_bytes(source, targets) if opts.ldra is not None else 0
     shard = min(opts.max_shard_bytes, _output_bytes(source, targets, opts))

@@ -23,6 +23,8 @@ def test_quantize_and_evaluate_smollm2(smollm2_dca, wikitext2_raw):
     report = json.loads((out / "quantization_report.json").read_text())
     assert report["quantized_linears"] == 30 * 7
     assert all(0 < layer["mean_rel_error"] < 0.3 for layer in report["layers"])
+    memory = report["memory"]  # the pre-flight estimate against the measured peak (offline/memory.py)
+    assert 0.75 <= memory["estimated_peak_bytes"] / memory["measured_peak_bytes"] <= 1.25, memory
 
     proc = cli("eval", str(out), "--ppl", "wikitext2", "--max-windows", "2", "--data", str(wikitext2_raw),
                "--no-progress")
