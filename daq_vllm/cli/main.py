@@ -6,7 +6,6 @@ Bad input ends with one line on stderr (`daq-vllm: error: ...`), exit code 2 and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .. import __version__
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except DAQError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says so
-            print(f"daq-vllm: error: {e}", file=sys.stderr)
+        print(f"daq-vllm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("daq-vllm: interrupted; no output was written", file=sys.stderr)

@@ -82,8 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     """`--nproc R`: the same command under torchrun, R processes on this machine, threads split among
-    them. The ranks' output passes through; torchrun's own report of a failed rank (a traceback of
-    its launcher) is dropped, since rank 0 has said what went wrong in one line."""
+    them. The ranks' output passes through, an error line once however many ranks print it;
+    torchrun's own report of a failed rank (a traceback of its launcher) is dropped, since the rank
+    has said what went wrong in one line."""
     import os
     import subprocess
     import sys
@@ -101,14 +102,16 @@ def launch(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "daq_vllm.cli", *rest]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    code, launcher_report = 0, False
+    code, launcher_report, errors = 0, False, set()
     for line in proc.stderr:
         launcher_report = launcher_report or line.startswith("Traceback") or "torch.distributed.elastic" in line
         failed = _RANK_FAILED.search(line) if "torch/distributed/" in line else None
         if failed:
             code = code or int(failed.group(1))
-        elif not launcher_report and "torch/distributed/" not in line:
+        elif not launcher_report and "torch/distributed/" not in line and line not in errors:
             sys.stderr.write(line)
+            if line.startswith("daq-vllm: error:"):
+                errors.add(line)
     return 0 if proc.wait() == 0 else code or EXIT_FAILED
 
 

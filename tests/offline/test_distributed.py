@@ -116,3 +116,9 @@ def test_owners_take_whole_input_groups_largest_work_first():
     assert max(loads) - min(loads) <= max(work.values())
     assert Ranks(1, 2).owners(groups) == owner  # every rank computes the same plan
     assert Ranks(0, 2).share(7) == slice(0, 3) and Ranks(1, 2).share(7) == slice(3, 7)
+
+
+def test_an_error_every_rank_meets_is_one_line(tmp_path):
+    proc = quantize("quantize", str(tmp_path / "missing-model"), "--out", str(tmp_path / "o"), "--nproc", "2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("daq-vllm: error: model ")
