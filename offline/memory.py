@@ -52,9 +52,9 @@ from .targets import Targets
 
 F32 = 4
 GIB = 1024**3
-LDRA_COPIES = 14  # float32 copies of a row chunk at LDRA's peak, beyond WORKING_BASE (measured: 11-14)
+LDRA_COPIES = 8  # float32 copies of a row chunk at LDRA's peak, beyond WORKING_BASE (fit: quant_memory.md)
 INIT_COPIES = 6  # the same without calibration (initializer and rounding only)
-WORKING_BASE = 128 * 1024**2  # what LDRA adds whatever a linear's size (measured: ~90-120 MiB)
+WORKING_BASE = 160 * 1024**2  # what LDRA adds whatever a linear's size (glibc keeps small freed blocks)
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
 
 

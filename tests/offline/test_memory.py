@@ -77,7 +77,7 @@ def test_the_cli_refuses_a_tiny_budget_in_one_line(tiny_llama, tmp_path, capsys)
 
 
 def test_a_70b_shaped_layer_with_gptq_needs_at_most_twice_nearest():
-    """The goal, on the estimate (the shapes need 15 GiB; measured rows: benchmarks/quant_memory.py)."""
+    """The goal, on the estimate (the shapes need 15 GiB here; measured rows: benchmarks/quant_memory.py)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
