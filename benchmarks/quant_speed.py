@@ -141,7 +141,9 @@ def markdown(payload: dict) -> str:
     if "gptq" not in est:
         lines.append("- `--rounding gptq`: not measured on this layer yet "
                      "(these rows predate it; run without --skip-layer).")
-    lines.append("")
+    lines += ["", "End-to-end `daq-vllm quantize` of a 7B-shaped layer with the default rounding and with nearest, "
+              "and every run's estimated against measured peak memory (a K = 28672 layer included): "
+              "[quant_memory.md](quant_memory.md).", ""]
     return "\n".join(lines)
 
 

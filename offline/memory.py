@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from daq_vllm.errors import DAQError
-from daq_vllm.format import SUPPORTED_GROUP_SIZES
 
 from .grid import row_chunks
 from .model_source import ModelSource
@@ -147,7 +146,7 @@ def layer_memory(
     readers: dict[str, list[str]] = {}
     for lin, (_, k) in shapes.items():
         key = _shared_key(lin)
-        inputs[key] = k * k * F32 if full else k * min(k, max(SUPPORTED_GROUP_SIZES)) * F32
+        inputs[key] = k * k * F32 if full else k * min(k, opts.group_size) * F32
         readers.setdefault(key, []).append(lin)
     forward = t * (2 * hidden + sum(n for n, _ in shapes.values())) * F32 + heads * t * t * F32
     screen = max(_working(n, k, LDRA_COPIES) for n, k in shapes.values()) if len(candidate_codebooks(opts)) > 1 else 0
