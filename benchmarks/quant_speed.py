@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ LAYER_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 
 
 def time_cli_quantize(fmt: str | None, group_size: int, extra: list[str]) -> dict:
+    """One `daq-vllm quantize` run: wall time and the peak its report measured (rank 0's process)."""
     out = CACHE / "quant-speed-out"
     cmd = [sys.executable, "-m", "daq_vllm.cli", "quantize", str(smollm2_float_dir()), "--out", str(out),
            "--overwrite", "--no-progress", *(["--format", fmt] if fmt else []), "--group-size", str(group_size),
@@ -51,8 +51,9 @@ def time_cli_quantize(fmt: str | None, group_size: int, extra: list[str]) -> dic
     seconds = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"command": " ".join(["daq-vllm", *cmd[3:]]), "seconds": round(seconds, 1), "peak_rss_mib": round(peak_mib)}
+    memory = json.loads((out / "quantization_report.json").read_text())["memory"]
+    return {"command": " ".join(["daq-vllm", *cmd[3:]]), "seconds": round(seconds, 1),
+            "peak_rss_mib": round(memory["measured_peak_bytes"] / 1024**2)}
 
 
 def seven_b_layer(device: str, tokens: int, solvers: list[str], hidden: int = 4096, intermediate: int = 11008) -> dict:
@@ -123,9 +124,10 @@ def markdown(payload: dict) -> str:
     lines = ["# Quantization speed", "", f"Machine: {payload['machine']}.", ""]
     if payload.get("smollm2"):
         lines += ["## SmolLM2-135M, `daq-vllm quantize` end to end", "",
-                  "| command | wall s | peak RSS MiB (largest process) |", "| --- | ---: | ---: |"]
+                  "| command | wall s | peak RSS MiB (rank 0) |", "| --- | ---: | ---: |"]
         for r in payload["smollm2"]:
-            lines.append(f"| `{r['command']}` | {r['seconds']} | {r['peak_rss_mib']} |")
+            peak = r["peak_rss_mib"] if r["peak_rss_mib"] is not None else "n/a"
+            lines.append(f"| `{r['command']}` | {r['seconds']} | {peak} |")
         one, two = payload["smollm2"][:2]
         lines += ["", f"Two processes against one: {two['seconds'] / one['seconds']:.2f}x the wall time "
                   f"(distributed overhead {100 * (two['seconds'] / one['seconds'] - 1):+.0f}%, goal <= +15%).", ""]
