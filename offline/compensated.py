@@ -41,7 +41,7 @@ class CompensationSpec:
     act_order: bool = True
 
 
-DAMP_RETRIES = 4  # a factorisation that fails in float32 is retried with 10x the dampening, this often
+DAMP_RETRIES = 4  # float32 factorisation tries, each with 10x the dampening of the one before
 
 
 def row_losses(w_hat: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -111,14 +111,12 @@ class InputHessian:
     """
 
     def __init__(self, h: torch.Tensor, spec: CompensationSpec):
-        k = h.shape[0]
         self.spec = spec
         self.order = torch.argsort(h.diagonal(), descending=True) if spec.act_order else None
         if self.order is not None:
             permute_symmetric_(h, self.order)
         self.h = h
         self.u = _upper_inverse_cholesky(h, spec.damp)
-        self.k = k
 
     def ordered(self, w: torch.Tensor) -> torch.Tensor:
         """W's columns [N, K] in H's order (a float32 copy)."""
