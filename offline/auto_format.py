@@ -19,6 +19,7 @@ Without calibration statistics (a quantized lm_head) the loss is the squared wei
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -90,16 +91,25 @@ def pick(losses: dict[str, float], candidates: list[Codebook], tie_rtol: float) 
 
 
 def choose_codebooks(
-    weights: dict[str, torch.Tensor], moments: SecondMoments | None, candidates: list[Codebook], how: Screening
+    weights: dict[str, torch.Tensor], moments: SecondMoments | None, candidates: list[Codebook], how: Screening,
+    shared: dict[str, str] | None = None, uncalibrated: Collection[str] = (),
 ) -> dict[str, Choice]:
     """A codebook for each linear of `weights` (one decoder layer's, or the head); one candidate
-    is taken as it is, without screening."""
+    is taken as it is, without screening.
+
+    Linears that read one input choose together, and so do those `shared` maps to one key (a MoE
+    layer's experts: vLLM runs them with one codebook). `uncalibrated` linears (experts routing
+    left too few tokens) are screened by their weight error alone.
+    """
     if len(candidates) == 1:
         return {name: Choice(candidates[0], {}) for name in weights}
-    losses = {n: {cb.name: screen_loss(w, cb, n, moments, how) for cb in candidates} for n, w in weights.items()}
+    shared = shared or {}
+    losses = {n: {cb.name: screen_loss(w, cb, n, None if n in uncalibrated else moments, how) for cb in candidates}
+              for n, w in weights.items()}
     groups: dict[str, list[str]] = {}
     for name in weights:
-        groups.setdefault(moments.input_owner(name) if moments is not None else name, []).append(name)
+        key = shared.get(name) or (moments.input_owner(name) if moments is not None else name)
+        groups.setdefault(key, []).append(name)
     choices = {}
     for members in groups.values():
         total = {cb.name: sum(losses[m][cb.name] for m in members) for cb in candidates}

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from daq_vllm.experts import expert_modules
+
 from .calibration import calibration_blocks
 from .distributed import Ranks
 from .model_source import DecoderLayer, ModelSource
@@ -29,6 +31,10 @@ class LayerCalibration:
     def __init__(self, source: ModelSource, layers: list[DecoderLayer], opts: QuantizeOptions, ranks: Ranks):
         self.source, self.opts, self.ranks = source, opts, ranks
         blocks = calibration_blocks(source.tokenizer(), opts.calib)
+        for experts in expert_modules(source.skeleton).values():
+            experts.calibrate = opts.moe_calibration
+        # all ranks' blocks: the token counts of the statistics are summed over the ranks too
+        self.min_expert_tokens = opts.moe_min_token_share * blocks.numel()
         self.runner = LayerRunner(source, layers, opts.device, "cpu" if opts.offload_activations else None)
         self.hidden = self.runner.first_inputs(blocks[ranks.share(len(blocks))])
 
@@ -43,6 +49,12 @@ class LayerCalibration:
         finally:
             moments.detach()
         return moments, outputs
+
+    @staticmethod
+    def expert_tokens(moments: SecondMoments, names: list[str]) -> dict[str, int]:
+        """How many calibration tokens the statistics of each expert projection of `names` hold
+        (0 for an expert routing sent no token)."""
+        return {n: moments.tokens.get(moments.input_owner(n), 0) for n in names}
 
     def weight(self, layer: DecoderLayer, name: str) -> torch.Tensor:
         """The float32 weight of linear `name` as `collect` loaded it (no second copy)."""

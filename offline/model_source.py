@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from daq_vllm.errors import DAQError
+from daq_vllm.experts import CheckpointNames, defuse_experts
 from daq_vllm.model_files import load_gguf, resolve_model_path
 
 if TYPE_CHECKING:  # transformers is imported lazily, when a model is opened
@@ -38,12 +39,22 @@ class DecoderLayer:
 
 
 class ModelSource:
-    """A model's config, module tree and tensors, read lazily where the storage allows it."""
+    """A model's config, module tree and tensors, read lazily where the storage allows it.
+
+    Tensors and modules go by the model's names (transformers' module tree, experts defused:
+    `daq_vllm.experts`); `checkpoint_name` gives the name a tensor or module has in checkpoints.
+    """
 
     def __init__(self, path: Path, config: PretrainedConfig, skeleton: nn.Module):
         self.path = path
         self.config = config
         self.skeleton = skeleton
+        self.names = CheckpointNames(skeleton)
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name that the tensor or module `name` of the model has in the source checkpoint
+        (and in the DAQ checkpoint written from it)."""
+        return self.names.to_checkpoint(name)
 
     # Subclasses provide the tensors.
     def tensor_names(self) -> list[str]:
@@ -113,26 +124,27 @@ class SafetensorsSource(ModelSource):
         super().__init__(path, config, skeleton)
         from safetensors import safe_open
 
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, str]] = {}  # model name -> (file, checkpoint name)
         self._handles = {}
         for f in files:
             handle = safe_open(str(f), framework="pt", device="cpu")
             self._handles[f] = handle
             for key in handle.keys():
-                self._where[key] = f
+                self._where[self.names.to_model(key)] = (f, key)
         expected = {n for n, _ in skeleton.named_parameters()}
         missing = sorted(n for n in expected - set(self._where) if not _is_tied(n, config))
         if missing:
             raise DAQError(
                 f"unsupported architecture {self.architecture}: the checkpoint's tensor names do not match "
-                f"the transformers model (e.g. {missing[0]!r} is missing)"
+                f"the transformers model (e.g. {self.checkpoint_name(missing[0])!r} is missing)"
             )
 
     def tensor_names(self) -> list[str]:
         return list(self._where)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        file, key = self._where[name]
+        return self._handles[file].get_tensor(key)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
@@ -152,6 +164,7 @@ class InMemorySource(ModelSource):
     """A model transformers materialised in memory (GGUF, or .bin weights)."""
 
     def __init__(self, path: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None):
+        defuse_experts(model)
         super().__init__(path, model.config, model)
         self._model = model
         self._tokenizer = tokenizer
@@ -198,18 +211,21 @@ def _load_config(path: Path) -> PretrainedConfig:
 
 
 def _meta_skeleton(config: PretrainedConfig) -> nn.Module:
-    """The model with parameters on the meta device; buffers (rotary tables) stay real and small."""
+    """The model with parameters on the meta device, experts defused; buffers (rotary tables) stay
+    real and small."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError:
         raise DAQError(
             f"unsupported architecture {getattr(config, 'model_type', '?')!r}: not a causal language model "
             "that transformers can build"
         ) from None
+    defuse_experts(skeleton)
+    return skeleton
 
 
 def open_model(path_str: str, revision: str | None = None) -> ModelSource:

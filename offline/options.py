@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from daq_vllm.errors import DAQError
+from daq_vllm.experts import CALIBRATE_ALL, CALIBRATE_ROUTED
 from daq_vllm.format import CODEBOOKS, SUPPORTED_GROUP_SIZES, Codebook, get_codebook
 
 from .auto_format import AutoSpec
@@ -77,6 +78,10 @@ class QuantizeOptions:
     resume: bool = False
     progress: bool = True
     revision: str | None = None  # of a Hub model ID: a branch, tag or commit (None: main)
+    moe_calibration: str = CALIBRATE_ROUTED  # experts see the tokens routed to them, or (CALIBRATE_ALL) every token
+    # an expert projection whose statistics hold fewer than this share of the calibration tokens is
+    # quantized by the initializer alone (GPTQModel's default threshold: 0.5%)
+    moe_min_token_share: float = 0.005
 
     def __post_init__(self) -> None:
         if self.format is None:
@@ -149,5 +154,11 @@ def check_options(opts: QuantizeOptions) -> None:
         raise DAQError(
             f"--rounding gptq needs calibration statistics; use it with --method daq, not {opts.init.method}"
         )
+    if opts.moe_calibration not in (CALIBRATE_ROUTED, CALIBRATE_ALL):
+        raise DAQError(f"unknown --moe-calibration {opts.moe_calibration!r}; "
+                       f"choose {CALIBRATE_ROUTED} or {CALIBRATE_ALL}")
+    if not 0 <= opts.moe_min_token_share < 1:
+        raise DAQError(f"--moe-min-tokens {opts.moe_min_token_share:g} is not a share of the calibration tokens; "
+                       "give a number from 0 to below 1 (e.g. 0.005)")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise DAQError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")

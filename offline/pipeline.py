@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -68,26 +69,33 @@ class LinearQuantizer:
     """The per-linear step: choose its codebook, round the weight, pack it into the checkpoint
     tensors, measure its error."""
 
-    def __init__(self, source: ModelSource, opts: QuantizeOptions):
+    def __init__(self, source: ModelSource, opts: QuantizeOptions, shared: dict[str, str] | None = None):
+        """`shared`: linears that must share a codebook, by key (`Targets.codebook_groups`)."""
         self.source, self.opts = source, opts
+        self.shared = shared or {}
         self.candidates = candidate_codebooks(opts)
         self.codebooks = {cb.name: cb for cb in self.candidates}
 
-    def choose(self, weights: dict[str, torch.Tensor], moments: SecondMoments | None) -> dict[str, Choice]:
+    def choose(
+        self, weights: dict[str, torch.Tensor], moments: SecondMoments | None, uncalibrated: Collection[str] = ()
+    ) -> dict[str, Choice]:
         """Each linear's codebook among the run's candidates (`auto_format.choose_codebooks`)."""
         opts = self.opts
         how = Screening(opts.group_size, opts.init, opts.ldra, opts.compensation is not None, opts.auto)
-        return choose_codebooks(weights, moments, self.candidates, how)
+        return choose_codebooks(weights, moments, self.candidates, how, self.shared, uncalibrated)
 
     def weight(self, tensor_name: str) -> torch.Tensor:
         """A source tensor on the compute device in float32, refused if it holds NaN or Inf."""
         return _checked(tensor_name, self.source.tensor(tensor_name)).to(self.opts.device, torch.float32)
 
-    def __call__(self, name: str, w: torch.Tensor, moments: SecondMoments | None, choice: Choice) -> QuantizedLinear:
+    def __call__(
+        self, name: str, w: torch.Tensor, moments: SecondMoments | None, choice: Choice, tokens: int | None = None
+    ) -> QuantizedLinear:
         """Quantize W [N, K] of linear `name` with the codebook of `choice`: by the initializer alone
         without `moments`, else LDRA against its input statistics and, with compensation, GPTQ-style
         codes on the tuned grids. Rows go in chunks (`grid.row_chunks`), so the working memory of a
-        large linear stays bounded; every step treats output rows independently."""
+        large linear stays bounded; every step treats output rows independently. `tokens`: how many
+        calibration tokens an expert projection's routing gave it (for the report)."""
         opts, codebook = self.opts, choice.codebook
         calibrated, compensated = moments is not None, moments is not None and opts.compensation is not None
         hess = moments.derive(name, partial(InputHessian, spec=opts.compensation)) if compensated else None
@@ -112,7 +120,8 @@ class LinearQuantizer:
         kinds = (QWEIGHT, SCALES, OFFSETS)
         tensors = {f"{name}.{kind}": torch.cat([p[i] for p in parts]) for i, kind in enumerate(kinds)}
         report = LinearReport(rel_error, tuple(ldra_loss) if calibrated else None,
-                              tuple(full_loss) if compensated else None, codebook.name, choice.losses or None)
+                              tuple(full_loss) if compensated else None, codebook.name, choice.losses or None,
+                              tokens)
         return QuantizedLinear(tensors, report)
 
     def dequantize(
@@ -159,10 +168,13 @@ def _layer_step(
     else:
         moments = outputs = None
         weights = {n: quantizer.weight(f"{n}.weight") for n in names}
-    choices = quantizer.choose(weights, moments)
+    experts = [n for n in weights if n in quantizer.shared]
+    tokens = calibration.expert_tokens(moments, experts) if calibration is not None else {}
+    starved = {n for n, t in tokens.items() if t < calibration.min_expert_tokens}
+    choices = quantizer.choose(weights, moments, starved)
     results = {}
     for n in list(weights):  # each linear's statistics and float weight go as soon as it is quantized
-        results[n] = quantizer(n, weights.pop(n), moments, choices[n])
+        results[n] = quantizer(n, weights.pop(n), None if n in starved else moments, choices[n], tokens.get(n))
         if calibration is not None:
             moments.done(n)
             calibration.drop_weight(layer, n)
@@ -204,8 +216,8 @@ def _quantize_targets(
             tensors, reports = _layer_step(i, layer, names, quantizer, calibration, store, ranks)
             if not ranks.leader:
                 continue
-            _add_all(writer, tensors)
-            entries.append(layer_entry(i, reports))
+            _add_all(writer, tensors, quantizer.source)
+            entries.append(layer_entry(i, {quantizer.source.checkpoint_name(n): r for n, r in reports.items()}))
             mean_err = entries[-1]["mean_rel_error"]
             bar.update()
             bar.set_postfix(rel_err=f"{mean_err:.4f}")
@@ -214,15 +226,16 @@ def _quantize_targets(
         for name, tensor_name in targets.head.items() if ranks.leader else ():
             w = quantizer.weight(tensor_name)
             q = quantizer(name, w, None, quantizer.choose({name: w}, None)[name])
-            _add_all(writer, q.tensors)
-            entries.append(layer_entry(name, {name: q.report}))
+            _add_all(writer, q.tensors, quantizer.source)
+            entries.append(layer_entry(name, {quantizer.source.checkpoint_name(name): q.report}))
             bar.update()
     return entries
 
 
-def _add_all(writer: ShardedWriter, tensors: dict[str, torch.Tensor]) -> None:
+def _add_all(writer: ShardedWriter, tensors: dict[str, torch.Tensor], source: ModelSource) -> None:
+    """Add tensors named as in the model to the checkpoint, under their checkpoint names."""
     for k, v in tensors.items():
-        writer.add(k, v)
+        writer.add(source.checkpoint_name(k), v)
 
 
 def _write_config(tmp: Path, source: ModelSource, fmt: DAQFormat, report: dict, tied_head: bool) -> None:
@@ -282,7 +295,7 @@ def _quantize(model_path: str, out: Path, opts: QuantizeOptions, ranks: Ranks) -
     t0 = time.time()
     source = open_model(model_path, opts.revision)
     targets = plan_targets(source, opts)
-    quantizer = LinearQuantizer(source, opts)
+    quantizer = LinearQuantizer(source, opts, targets.expert_groups)
     share = ranks.share(opts.calib.nsamples) if opts.ldra is not None else slice(0, opts.calib.nsamples)
     plan = plan_memory(source, targets, replace(opts, calib=replace(opts.calib, nsamples=share.stop - share.start)))
     if ranks.leader:
@@ -297,7 +310,7 @@ def _quantize(model_path: str, out: Path, opts: QuantizeOptions, ranks: Ranks) -
     with PeakMemory(opts.device) as peak, _writing(tmp, store):
         writer = ShardedWriter(tmp, opts.max_shard_bytes)
         for name in targets.untouched(source):
-            writer.add(name, _checked(name, source.tensor(name)))
+            writer.add(source.checkpoint_name(name), _checked(name, source.tensor(name)))
         layers = _quantize_targets(targets, quantizer, calibration, store, writer, opts.progress, ranks)
         writer.finish()
         fmt = checkpoint_format(layers, opts, targets.not_converted(source), str(source.path))

@@ -27,7 +27,9 @@ class LinearReport:
 
     `rel_error` is ||W_hat - W|| / ||W||; `ldra_loss` LDRA's summed group loss before and after
     tuning; `full_loss` the full-H output loss before and after error-compensated rounding;
-    `format` the codebook it is stored with; `screen` `--format auto`'s loss per candidate.
+    `format` the codebook it is stored with; `screen` `--format auto`'s loss per candidate;
+    `tokens`, for an expert projection of a calibrated run, the calibration tokens its statistics
+    hold (below the run's threshold it was quantized by the initializer alone: `calibrated` false).
     """
 
     rel_error: float
@@ -35,6 +37,7 @@ class LinearReport:
     full_loss: tuple[float, float] | None = None
     format: str | None = None
     screen: dict[str, float] | None = None
+    tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report's JSON entry: the losses a run computed, then `rel_error`."""
@@ -48,13 +51,16 @@ class LinearReport:
             entry["format"] = self.format
         if self.screen:
             entry["screen"] = dict(self.screen)
+        if self.tokens is not None:
+            entry["tokens"] = self.tokens
+            entry["calibrated"] = self.ldra_loss is not None
         return entry
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> LinearReport:
         """Inverse of `to_dict` (a resumed layer's saved entries)."""
         return cls(entry["rel_error"], _pair(entry.get("ldra_loss")), _pair(entry.get("full_loss")),
-                   entry.get("format"), entry.get("screen"))
+                   entry.get("format"), entry.get("screen"), entry.get("tokens"))
 
 
 def _pair(values: list[float] | None) -> tuple[float, float] | None:

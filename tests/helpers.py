@@ -34,15 +34,32 @@ def tiny_config(arch: str = "llama", **overrides):
     return AutoConfig.for_model(arch, **kw)
 
 
+# Tiny 2-layer MoE models, 4 experts, top-2, hidden = expert intermediate = 128 (4 heads of 32): the
+# families vLLM's CPU build serves, each with what sets it apart (research/moe-and-scale.md A.7).
+_MOE_BASE = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 num_experts_per_tok=2)
+MOE_MODELS: dict[str, dict] = {
+    "mixtral": dict(_MOE_BASE, num_local_experts=4),  # w1/w3/w2 under block_sparse_moe, renormalised top-2
+    "qwen2_moe": dict(_MOE_BASE, num_experts=4, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                      decoder_sparse_step=1),  # a shared expert and its sigmoid gate
+    "qwen3_moe": dict(_MOE_BASE, num_experts=4, moe_intermediate_size=128, norm_topk_prob=True),  # q/k norms
+    "olmoe": dict(_MOE_BASE, num_experts=4, norm_topk_prob=False),  # top-k weights not renormalised
+}
+
+
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a random model whose weights have a realistic spread (std 0.02 plus some outliers)."""
+    """Save a random model whose weights have a realistic spread (std 0.02 plus some outliers).
+
+    A MoE `arch` takes `MOE_MODELS[arch]` as its defaults; transformers saves its experts per expert.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    config = tiny_config(arch, **{**MOE_MODELS.get(arch, {}), **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # linears, fused experts [E, N, K], routers
                 p.normal_(0.0, 0.02).add_(torch.randn_like(p).mul_(0.1) * (torch.rand_like(p) < 0.01))
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

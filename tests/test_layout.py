@@ -1,7 +1,7 @@
 """The package's rooms import one way (README, Layout), read from the source, not from a run.
 
 format <- kernels <- offline and integrations; `errors`, `data` and `model_files` are leaves any
-room may use. A dispatch on `x.is_cuda` outside the kernel layer would bypass `choose_kernel`.
+room may use, `experts` (MoE modules of transformers models) one that offline and the integrations use. A dispatch on `x.is_cuda` outside the kernel layer would bypass `choose_kernel`.
 """
 
 import ast
@@ -18,6 +18,8 @@ FORBIDDEN = {
     "daq_vllm.kernels": ("daq_vllm.offline", "daq_vllm.integrations", "daq_vllm.eval", "daq_vllm.cli",
                          "daq_vllm.demo", "transformers", "vllm"),
     "daq_vllm.offline": ("daq_vllm.integrations", "daq_vllm.eval", "daq_vllm.cli", "daq_vllm.demo", "vllm"),
+    "daq_vllm.experts": ("daq_vllm.format", "daq_vllm.kernels", "daq_vllm.offline", "daq_vllm.integrations",
+                         "daq_vllm.eval", "daq_vllm.cli", "daq_vllm.demo", "vllm"),
     "daq_vllm.data": ("daq_vllm.format", "daq_vllm.kernels", "daq_vllm.offline", "daq_vllm.integrations",
                       "daq_vllm.eval", "daq_vllm.cli", "daq_vllm.demo", "transformers", "vllm"),
 }

@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     p.add_argument("--sequential", action="store_true",
                    help="each layer calibrates on the quantized previous layers' outputs")
+    p.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
+                   help="MoE models: experts calibrate on the tokens routed to them (routed, default), or every "
+                        "expert sees every calibration token while only routed outputs flow on (all)")
+    p.add_argument("--moe-min-tokens", type=float, default=0.005, metavar="SHARE",
+                   help="MoE models: an expert whose statistics hold fewer than this share of the calibration "
+                        "tokens is quantized by the initializer alone, as the report records (default: 0.005)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished layer")
     p.add_argument("--dca-center", default="quantile", choices=list(DCA_CENTERS),
                    help="DCA centre estimator (default: quantile)")
@@ -121,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from ..offline.distributed import check_distributed
     from ..offline.ldra import LDRASpec
     from ..offline.options import AUTO, check_options, recipe_options
-    from ..offline.pipeline import quantize_model
+    from ..offline.pipeline import REPORT_FILE, quantize_model
     from ..offline.ranges import InitSpec
 
     if not 0 < args.dca_shrink <= 4:
@@ -156,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         revision=args.revision,
+        moe_calibration=args.moe_calibration,
+        moe_min_token_share=args.moe_min_tokens,
     )
     if args.nproc > 1:  # refuse what every rank would refuse before starting them
         check_options(opts)
@@ -169,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {report['quantized_linears']} linears as {opts.format} g{args.group_size} "
         f"({report['bits_per_weight']:.2f} bits/weight) in {report['seconds']:.1f} s"
     )
+    starved = [n for e in report["layers"] for n, r in e["linears"].items() if r.get("calibrated") is False]
+    if starved:
+        print(f"{len(starved)} expert projections had under {opts.moe_min_token_share:g} of the calibration tokens "
+              f"and were quantized by the initializer alone (e.g. {starved[0]}); see {REPORT_FILE}")
     memory = report["memory"]
     print(f"peak memory on {memory['device']}: {memory['measured_peak_bytes'] / 1024**3:.2f} GiB measured, "
           f"{memory['estimated_peak_bytes'] / 1024**3:.2f} GiB estimated")

@@ -23,6 +23,7 @@ from .layout import PACKED, PACKED_DTYPES, QWEIGHT, packed_shapes, packed_words
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^(?P<stack>.*\.layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _WEIGHT_LIKE = {*PACKED, "weight"}
+_EXPERT = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>[^.]+)$")
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -130,6 +131,26 @@ def _check_layers(directory: Path, tensors: dict[str, dict[str, Any]], num_layer
                                f"(layer {i} of {num_layers}; the other layers have it); restore it or re-quantize")
 
 
+def _check_experts(directory: Path, tensors: dict[str, dict[str, Any]], config: dict[str, Any]) -> None:
+    """Every MoE layer stores every expert's every projection (vLLM loads them as one fused layer, and
+    a missing one would stay uninitialised memory there): experts 0..E-1, E from config.json where
+    it says (`num_local_experts`, `num_experts`), else as many as any projection has."""
+    stored: dict[str, dict[str, set[int]]] = {}  # experts module -> projection -> expert indices
+    for name in tensors:
+        m = _EXPERT.match(name)
+        if m is not None and m["suffix"] in _WEIGHT_LIKE:
+            stored.setdefault(m["experts"], {}).setdefault(m["proj"], set()).add(int(m["index"]))
+    declared = next((config[k] for k in ("num_local_experts", "num_experts") if isinstance(config.get(k), int)), None)
+    for experts, projections in sorted(stored.items()):
+        count = declared or 1 + max(max(ids) for ids in projections.values())
+        for proj, ids in sorted(projections.items()):
+            missing = sorted(set(range(count)) - ids)
+            if missing:
+                raise DAQError(f"checkpoint {directory} is missing tensor {experts}.{missing[0]}.{proj}.{QWEIGHT} "
+                               f"(expert {missing[0]} of {count}; the other experts have it); "
+                               "restore it or re-quantize")
+
+
 def check_checkpoint(path: str | Path, *, for_vllm: bool = False) -> DAQFormat:
     """Validate a DAQ checkpoint directory; return its format or raise DAQError naming the problem.
 
@@ -172,4 +193,5 @@ def check_checkpoint(path: str | Path, *, for_vllm: bool = False) -> DAQFormat:
     num_layers = config.get("num_hidden_layers")
     if isinstance(num_layers, int):
         _check_layers(directory, tensors, num_layers)
+    _check_experts(directory, tensors, config)
     return fmt

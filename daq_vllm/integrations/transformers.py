@@ -22,6 +22,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..experts import CheckpointNames, defuse_experts
 from ..format import QUANT_METHOD, DAQFormat, num_groups, packed_words
 from ..kernels import LinearKernel, LinearSpec, choose_kernel, dequantize
 
@@ -81,11 +82,18 @@ def select_kernels(model: nn.Module, preferred: str | None = None) -> None:
 
 
 def replace_linears(model: nn.Module, fmt: DAQFormat) -> int:
-    """Swap each converted nn.Linear of `model` for a DAQLinear with its own codebook; return how many."""
+    """Swap each converted nn.Linear of `model` for a DAQLinear with its own codebook; return how many.
+
+    Fused experts become one linear per expert projection first (`daq_vllm.experts`), as the
+    checkpoint stores them. `fmt` names modules as the checkpoint does, which for some models
+    (Mixtral) is not as the transformers model does.
+    """
+    defuse_experts(model)
+    names = CheckpointNames(model)
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
+            full = names.to_checkpoint(f"{name}.{child_name}" if name else child_name)
             if isinstance(child, nn.Linear) and fmt.is_converted(full):
                 with torch.device("meta"):
                     layer = DAQLinear(child.in_features, child.out_features, child.bias is not None,
