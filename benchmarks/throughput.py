@@ -15,6 +15,8 @@ default; on a GPU machine pass `--device cuda` (and larger `--batch-sizes`/`--co
     python benchmarks/throughput.py                       # SmolLM2-135M fp32, bf16 and DAQ (~30 min on 2 cores)
     python benchmarks/throughput.py --quick --results DIR # short sequences: checks the plumbing (~10 min)
     python benchmarks/throughput.py --daq DIR --full DIR  # any pair
+    python benchmarks/throughput.py --full benchmarks/.cache/smollm2-moe-e4k2 \
+        --daq benchmarks/.cache/moe-quality-daq-routed --name moe   # the MoE model -> throughput-cpu-moe.md
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def markdown(payload: dict) -> str:
              f"{'; --quick setting' if a['quick'] else ''}. Measured {payload['date']}."]
     if "cpu" in payload:
         lines.append(f"CPU: {cpu_line(payload['cpu'])}. {contention_line(payload['others_busy'])}")
+    lines.append("Checkpoints: " + ", ".join(sorted({Path(r["dir"]).name for r in rows.values()})) + ".")
     lines += ["`dtype` is what the engine resolved (`auto` = vLLM's default); `DAQ kernel` is what `choose_kernel` "
               "picks for the checkpoint's linears in that dtype.", "",
               f"## Offline: `LLM.generate`, output tok/s per batch of {', '.join(map(str, batches))} prompts", "",
@@ -282,6 +285,8 @@ def parse_args() -> argparse.Namespace:
                     help=f"smoke check: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (overrides those options)")
     ap.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for a server to start")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="", help="results file suffix: throughput-<device>[-NAME].md|json "
+                                               "(e.g. moe for the upcycled MoE model of moe_quality.py)")
     args = ap.parse_args()
     args.full_dtypes = args.full_dtypes or (["float32", "bfloat16"] if args.device == "cpu" else ["auto"])
     args.daq_dtypes = args.daq_dtypes or (["auto", "float32"] if args.device == "cpu" else ["auto"])
@@ -321,7 +326,8 @@ def main() -> None:
     if args.device == "cpu":
         payload["others_busy"] = others_busy(start, time.perf_counter() - t0)
     payload["goals"] = goals(payload)
-    write_results(f"throughput-{args.device}", payload, markdown(payload), args.results)
+    name = f"throughput-{args.device}" + (f"-{args.name}" if args.name else "")
+    write_results(name, payload, markdown(payload), args.results)
     print(markdown(payload))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from helpers import make_tiny_model
 
 REQUIRE_ALL = os.environ.get("DAQ_REQUIRE_ALL") == "1"
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None  # found without importing it (seconds)
 
 
 def require(condition: bool, reason: str) -> None:

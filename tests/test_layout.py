@@ -1,7 +1,8 @@
 """The package's rooms import one way (README, Layout), read from the source, not from a run.
 
 format <- kernels <- offline and integrations; `errors`, `data` and `model_files` are leaves any
-room may use, `experts` (MoE modules of transformers models) one that offline and the integrations use. A dispatch on `x.is_cuda` outside the kernel layer would bypass `choose_kernel`.
+room may use, `experts` (MoE modules of transformers models) one that offline and the integrations
+use. A dispatch on `x.is_cuda` outside the kernel layer would bypass `choose_kernel`.
 """
 
 import ast

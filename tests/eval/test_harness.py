@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import require
+from conftest import HAVE_VLLM, require
 from helpers import make_daq_checkpoint
 
 try:
@@ -20,13 +20,6 @@ try:
     HAVE_LM_EVAL = True
 except ImportError:
     HAVE_LM_EVAL = False
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
 
 TASK = "daq_tiny_mc"
 DOCS = [  # words of the tiny model's vocabulary (w0..w249)

@@ -5,18 +5,11 @@ import os
 
 import pytest
 
-from conftest import require
+from conftest import HAVE_VLLM, require
 from mixed_checkpoint import make_mixed_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs little
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets LLM.apply_model send a function
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
 
 PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w200 w100 w50 w25 w12"]
 

