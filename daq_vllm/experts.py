@@ -57,18 +57,13 @@ class ExpertLinears(nn.ModuleList):
 
     `calibrate` is `routed` (each expert sees the tokens routed to it, as in inference) or `all`
     (every expert sees every token, so that rarely routed experts get statistics too; only the
-    routed outputs are added, so the layer's output is unchanged). `routed_tokens` counts, per
-    expert, the tokens routing sent it since the last `reset_counts`.
+    routed outputs are added, so the layer's output is unchanged).
     """
 
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
         self.num_experts = len(experts)
         self.calibrate = CALIBRATE_ROUTED
-        self.routed_tokens = [0] * self.num_experts
-
-    def reset_counts(self) -> None:
-        self.routed_tokens = [0] * self.num_experts
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -78,7 +73,6 @@ class ExpertLinears(nn.ModuleList):
         for e, expert in enumerate(self):
             # positions first, then tokens: the order transformers adds the experts' outputs in
             top_k_pos, token_idx = torch.where((top_k_index == e).T)
-            self.routed_tokens[e] += token_idx.numel()
             if token_idx.numel() == 0 and not every:
                 continue
             y = expert(hidden_states)[token_idx] if every else expert(hidden_states[token_idx])

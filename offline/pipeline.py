@@ -70,7 +70,7 @@ class LinearQuantizer:
     tensors, measure its error."""
 
     def __init__(self, source: ModelSource, opts: QuantizeOptions, shared: dict[str, str] | None = None):
-        """`shared`: linears that must share a codebook, by key (`Targets.codebook_groups`)."""
+        """`shared`: linears that must share a codebook, by key (`Targets.expert_groups`)."""
         self.source, self.opts = source, opts
         self.shared = shared or {}
         self.candidates = candidate_codebooks(opts)

@@ -30,15 +30,10 @@ class Targets:
     linears: list[list[str]]  # per decoder layer, the full names of its quantized linears
     head: dict[str, str]  # lm_head linear name -> checkpoint tensor holding its weight
     tied_head: bool  # the head's weight is the input embedding's (the output config unties it)
-    expert_groups: dict[str, str]  # expert projection -> "<experts module>.gate_up" or ".down"
-
-    def codebook_group(self, name: str) -> str | None:
-        """The linears that must share one codebook with `name`, by a key (None: no such rule).
-
-        vLLM computes all experts of a layer in one fused operator with one codebook for every
-        gate/up projection and one for every down projection.
-        """
-        return self.expert_groups.get(name)
+    # expert projection -> "<experts module>.gate_up" or ".down": the linears that share one codebook,
+    # since vLLM computes all experts of a layer in one fused operator with one codebook for every
+    # gate/up projection and one for every down projection
+    expert_groups: dict[str, str]
 
     @property
     def quantized(self) -> set[str]:
