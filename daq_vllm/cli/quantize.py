@@ -58,9 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     p.add_argument("--sequential", action="store_true",
                    help="each layer calibrates on the quantized previous layers' outputs")
-    p.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
-                   help="MoE models: experts calibrate on the tokens routed to them (routed, default), or every "
-                        "expert sees every calibration token while only routed outputs flow on (all)")
+    p.add_argument("--moe-calibration", default="all", choices=["all", "routed"],
+                   help="MoE models: every expert sees every calibration token while only routed outputs flow on "
+                        "(all, default), or experts calibrate on the tokens routed to them (routed)")
     p.add_argument("--moe-min-tokens", type=float, default=0.005, metavar="SHARE",
                    help="MoE models: an expert whose statistics hold fewer than this share of the calibration "
                         "tokens is quantized by the initializer alone, as the report records (default: 0.005)")

@@ -105,7 +105,7 @@ def test_calibrated_experts_report_their_tokens_and_fall_back_below_the_threshol
         opts = recipe_options("daq", "gptq", format="nf4", group_size=64, calib=calib, progress=False, **moe)
         return quantize_model(str(moe_sources["mixtral"]), tmp_path / out, opts)
 
-    routed = run("routed", moe_min_token_share=0.0)
+    routed = run("routed", moe_calibration="routed", moe_min_token_share=0.0)
     entries = {n: e for n in (0, 1) for n, e in routed["layers"][n]["linears"].items() if ".experts." in n}
     assert len(entries) == 2 * 12
     per_layer = [sum(routed["layers"][i]["linears"][f"{n[:-2]}w1"]["tokens"]
@@ -113,7 +113,7 @@ def test_calibrated_experts_report_their_tokens_and_fall_back_below_the_threshol
     assert per_layer == [4 * 64 * 2] * 2  # top-2: every token reaches two experts
     assert all(e["calibrated"] and e["full_loss"][1] <= e["full_loss"][0] for e in entries.values())
 
-    starved = run("starved", moe_min_token_share=0.99)  # no expert sees 99% of the tokens
+    starved = run("starved", moe_calibration="routed", moe_min_token_share=0.99)  # no expert has 99% of them
     entries = [e for n in (0, 1) for name, e in starved["layers"][n]["linears"].items() if ".experts." in name]
     assert entries and all(e["calibrated"] is False and "ldra_loss" not in e for e in entries)
     assert starved["layers"][0]["linears"]["model.layers.0.self_attn.q_proj"]["ldra_loss"]  # the rest calibrate
