@@ -29,6 +29,7 @@ from common import CACHE, RESULTS, machine, smollm2_float_dir, write_results  # 
 from daq_vllm import load  # noqa: E402
 from daq_vllm.eval.perplexity import PerplexityResult, wikitext2_perplexity  # noqa: E402
 from daq_vllm.offline.calibration import CalibSpec  # noqa: E402
+from daq_vllm.offline.compensated import CompensationSpec  # noqa: E402
 from daq_vllm.offline.options import RECIPES, ROUNDINGS, QuantizeOptions, recipe_options  # noqa: E402
 from daq_vllm.offline.pipeline import quantize_model  # noqa: E402
 from daq_vllm.offline.report import REPORT_FILE  # noqa: E402
@@ -52,7 +53,9 @@ COMPARISON_WINDOWS = 32
 SEQUENTIAL_SUFFIX = "seq"  # daqseq: daq calibrated on the quantized layers' outputs
 
 
-def row_options(method: str, fmt: str, group_size: int, nsamples: int) -> QuantizeOptions:
+def row_options(
+    method: str, fmt: str, group_size: int, nsamples: int, polish: int = CompensationSpec.polish
+) -> QuantizeOptions:
     """The options of a METHOD-FORMAT row: METHOD = RECIPE[seq][+ROUNDING], nearest rounding unless named."""
     base, _, rounding = method.partition("+")
     recipe = base.removesuffix(SEQUENTIAL_SUFFIX)
@@ -62,7 +65,8 @@ def row_options(method: str, fmt: str, group_size: int, nsamples: int) -> Quanti
                          f"{', '.join(RECIPES)} ({SEQUENTIAL_SUFFIX} for calibrated ones) and ROUNDING one of "
                          f"{', '.join(ROUNDINGS)}")
     return recipe_options(recipe, rounding or "nearest", format=fmt, group_size=group_size,
-                          calib=CalibSpec(nsamples=nsamples), sequential=sequential, overwrite=True, progress=False)
+                          calib=CalibSpec(nsamples=nsamples), sequential=sequential, overwrite=True, progress=False,
+                          compensation=CompensationSpec(polish=polish))
 
 
 def results_name(windows: int) -> str:
@@ -88,25 +92,28 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "The source model's weights were Q4_1 already: compare rows with each other, not with other papers.",
         "rtn/absmax/dca rows use no calibration; daq rows add LDRA (128 x 512 tokens of WikiText-2 valid);",
         "daqseq rows calibrate each layer on the quantized layers' outputs; +gptq rows re-choose the codes on the",
-        "tuned grids with GPTQ-style error compensation (`--rounding gptq`; scales and offsets unchanged).",
+        "tuned grids with GPTQ-style error compensation, then polish codes and grids for `polish` rounds",
+        "(`--rounding gptq --polish N`; polish 0: GPTQ's codes on LDRA's grids).",
         "-auto rows choose each linear's codebook among nf4, fp4_e2m1, int4 by calibration loss (`--format auto`;",
         "linears per codebook in quality.json's `formats`).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
-        "ROW/nN rows calibrate on N blocks. `quantize s` is wall time with other jobs sharing the 2 cores;",
+        "ROW/nN rows calibrate on N blocks, ROW/pN rows polish N rounds.",
+        "`quantize s` is wall time with other jobs sharing the 2 cores;",
         "benchmarks/results/quant_speed.md has the idle timing.",
     ]
     if any("tool" in r for r in rows):
         lines.append(PEER_NOTE)
     lines += [
         "",
-        "| row | group | bits/w | PPL | PPL - fp32 | quantize s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| row | group | polish | bits/w | PPL | PPL - fp32 | quantize s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         g = r.get("group_size", "-")
         bpw = f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "32"
         secs = f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else "-"
-        lines.append(f"| {r['row']} | {g} | {bpw} | {r['ppl']:.3f} | {r['ppl'] - full:+.3f} | {secs} |")
+        polish = r.get("polish", "-")
+        lines.append(f"| {r['row']} | {g} | {polish} | {bpw} | {r['ppl']:.3f} | {r['ppl'] - full:+.3f} | {secs} |")
     return "\n".join(lines + goal_lines(rows, full)) + "\n"
 
 
@@ -168,6 +175,8 @@ def main() -> None:
                          f"{', '.join(RECIPES)}, ROUNDING one of {', '.join(ROUNDINGS)} (default: nearest)")
     ap.add_argument("--nsamples", type=int, default=CalibSpec.nsamples,
                     help="calibration blocks of 512 tokens for daq rows; rows other than the default are named ROW/nN")
+    ap.add_argument("--polish", type=int, default=CompensationSpec.polish,
+                    help="+gptq rows: rounds of polishing (`--polish`); rows other than the default are named ROW/pN")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate the checkpoint an earlier run left in the cache (e.g. for --windows 148) "
                          "instead of quantizing again; its quantize time comes from its report")
@@ -186,11 +195,12 @@ def main() -> None:
     for g in args.group_sizes:
         for name in args.rows:
             row = name if args.nsamples == CalibSpec.nsamples else f"{name}/n{args.nsamples}"
+            row += "" if args.polish == CompensationSpec.polish or "+gptq" not in name else f"/p{args.polish}"
             if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
                 continue
             method, fmt = name.split("-", 1)
             out = CACHE / f"quality-{row.replace('/', '-')}-g{g}"
-            opts = row_options(method, fmt, g, args.nsamples)
+            opts = row_options(method, fmt, g, args.nsamples, args.polish)
             calibrated = opts.ldra is not None
             if args.reuse and (out / REPORT_FILE).is_file():
                 report = json.loads((out / REPORT_FILE).read_text())
@@ -204,6 +214,7 @@ def main() -> None:
             results = save_row({
                 "row": row, "method": method, "format": fmt, "bits": report["format"]["bits"], "group_size": g,
                 **({"nsamples": args.nsamples} if calibrated else {}),
+                **({"polish": opts.compensation.polish} if opts.compensation is not None else {}),
                 **({"formats": report["formats"]} if fmt == "auto" else {}),
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
             }, args.windows, result.total_windows)

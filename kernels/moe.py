@@ -14,13 +14,14 @@ Kernels, fastest first per device:
 - `loop` (any device): per expert with tokens, its two projections through the dense-linear kernel
   layer (`moe_loop.py`), so on CPU the C++ `cpu` kernel does the work. `DAQ_KERNEL` and
   `DAQ_DISABLED_KERNELS` steer those per-expert linears as they steer any other.
-`DAQ_MOE_KERNEL=name` forces a kernel; when none can run a layer, one error lists every refusal.
+`DAQ_MOE_KERNEL=name` forces a kernel and `DAQ_DISABLED_MOE_KERNELS=a,b` takes kernels out of the
+priority lists; when none can run a layer, one error lists every refusal. The choice follows the same
+rules as `choose_kernel` (`select.KernelChooser`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -35,8 +36,7 @@ from daq_vllm.format.layout import num_groups, packed_words
 from .base import LinearSpec
 from .moe_loop import expert_linears, loop_moe
 from .reference import dequantize
-
-logger = logging.getLogger("daq_vllm.kernels")
+from .select import KernelChooser
 
 Gated = Callable[[torch.Tensor], torch.Tensor]
 
@@ -196,36 +196,16 @@ class TritonMoEKernel(MoEKernel):
 MOE_KERNELS: dict[str, type[MoEKernel]] = {k.name: k for k in (TritonMoEKernel, LoopMoEKernel)}
 MOE_PRIORITY: dict[str, tuple[str, ...]] = {"cuda": ("triton_moe", "loop"), "cpu": ("loop",)}
 DEFAULT_MOE_PRIORITY: tuple[str, ...] = ("loop",)
-_logged: set[tuple[MoESpec, str]] = set()
+_CHOOSER: KernelChooser[MoEKernel] = KernelChooser(
+    MOE_KERNELS, MOE_PRIORITY, DEFAULT_MOE_PRIORITY, "DAQ_MOE_KERNEL", "DAQ_DISABLED_MOE_KERNELS", "MoE kernel",
+    "MoE layer", "re-enable a kernel in DAQ_DISABLED_MOE_KERNELS, move the model to a supported device or change "
+    "the layer's activation")
 
 
 def choose_moe_kernel(spec: MoESpec) -> MoEKernel:
     """A kernel instance for `spec`: `DAQ_MOE_KERNEL` if set, else the first of the device's priority
-    list that can implement it."""
-    forced = os.environ.get("DAQ_MOE_KERNEL", "").strip()
-    if forced:
-        if forced not in MOE_KERNELS:
-            raise DAQError(f"DAQ_MOE_KERNEL names no MoE kernel {forced!r}; choose one of: {', '.join(MOE_KERNELS)}")
-        ok, reason = MOE_KERNELS[forced].can_implement(spec)
-        if not ok:
-            raise DAQError(f"DAQ_MOE_KERNEL={forced} cannot run the MoE layer {spec.describe()}: {reason}; "
-                           "unset DAQ_MOE_KERNEL or pick another kernel")
-        return _log(MOE_KERNELS[forced](spec), spec, "forced by DAQ_MOE_KERNEL")
-    reasons = []
-    for name in MOE_PRIORITY.get(spec.device_type, DEFAULT_MOE_PRIORITY):
-        ok, reason = MOE_KERNELS[name].can_implement(spec)
-        if ok:
-            return _log(MOE_KERNELS[name](spec), spec, "chosen")
-        reasons.append(f"{name}: {reason}")
-    raise DAQError(f"no DAQ MoE kernel can run the layer {spec.describe()} ({'; '.join(reasons)}); "
-                   "move the model to a supported device or change the layer's activation")
-
-
-def _log(kernel: MoEKernel, spec: MoESpec, how: str) -> MoEKernel:
-    if (spec, kernel.name) not in _logged:
-        _logged.add((spec, kernel.name))
-        logger.info("DAQ MoE kernel %s %s for %s", kernel.name, how, spec.describe())
-    return kernel
+    list (less `DAQ_DISABLED_MOE_KERNELS`) that can implement it; the rules are `choose_kernel`'s."""
+    return _CHOOSER.choose(spec)
 
 
 def moe_reference(spec: MoESpec, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,

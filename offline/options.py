@@ -102,13 +102,14 @@ class QuantizeOptions:
 
 def recipe_options(
     method: str, rounding: str | None = None, *, init: InitSpec | None = None, ldra: LDRASpec | None = None,
-    **options: Any,
+    compensation: CompensationSpec | None = None, **options: Any,
 ) -> QuantizeOptions:
     """QuantizeOptions for the recipe `method` with `rounding` (the recipe's default when None).
 
     A calibrated recipe starts LDRA from `init` as given (the CLI's --ldra-init; the recipe's
     initializer by default) and tunes with `ldra` (defaults: LDRASpec()); the others quantize with
-    their own initializer, keeping `init`'s DCA settings. `options` are the remaining fields.
+    their own initializer, keeping `init`'s DCA settings. The gptq rounding uses `compensation`
+    (default: CompensationSpec()). `options` are the remaining fields.
     """
     if method not in RECIPES or rounding not in (None, *ROUNDINGS):
         raise DAQError(f"unknown recipe {method!r} with rounding {rounding!r}; methods are {', '.join(RECIPES)}, "
@@ -121,7 +122,7 @@ def recipe_options(
     return QuantizeOptions(
         init=init,
         ldra=(ldra if ldra is not None else LDRASpec()) if recipe.calibrated else None,
-        compensation=CompensationSpec() if rounding == "gptq" else None,
+        compensation=(compensation or CompensationSpec()) if rounding == "gptq" else None,
         **options,
     )
 

@@ -14,6 +14,7 @@ _RANK_FAILED = re.compile(r"failed \(exitcode: (\d+)\)")  # torchrun's log line 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..format import CODEBOOKS, SUPPORTED_GROUP_SIZES
+    from ..offline.compensated import CompensationSpec
     from ..offline.ldra import SOLVERS
     from ..offline.options import AUTO, AUTO_CANDIDATES, DEFAULT_FORMAT, RECIPES, ROUNDINGS, UNCALIBRATED_FORMAT
     from ..offline.ranges import DCA_CENTERS, INIT_METHODS
@@ -42,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounding", default=None, choices=list(ROUNDINGS),
                    help="codes on the tuned grids: gptq = error-compensated, column by column through the full input "
                         "second moment (default with --method daq; K x K floats per input) or nearest (the paper's)")
+    p.add_argument("--polish", type=int, default=None, metavar="N",
+                   help=f"--rounding gptq: rounds of polishing after GPTQ, each a coordinate-descent pass over the "
+                        f"codes and a refit of the scales and offsets under the full input second moment (default: "
+                        f"{CompensationSpec.polish}; 0 = GPTQ's codes on LDRA's grids)")
     p.add_argument("--no-shrink-grid", action="store_true",
                    help="start LDRA from the DCA range as is, not from the best per-group shrink of 0.6..1.0")
     p.add_argument("--epochs", type=int, default=10, help="sign solver: epochs (default: 10)")
@@ -124,6 +129,7 @@ def launch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..offline.calibration import CalibSpec
     from ..offline.checkpoint_writer import check_output
+    from ..offline.compensated import CompensationSpec
     from ..offline.distributed import check_distributed
     from ..offline.ldra import LDRASpec
     from ..offline.options import AUTO, check_options, recipe_options
@@ -140,12 +146,15 @@ def run(args: argparse.Namespace) -> int:
         raise DAQError("--nproc must be at least 1")
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
+    if args.polish is not None and args.polish < 0:
+        raise DAQError(f"--polish {args.polish} is negative; use 0 (no polishing) or more rounds")
     opts = recipe_options(
         args.method,
         args.rounding,
         init=InitSpec(method=args.ldra_init, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
         ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})),
+        compensation=CompensationSpec(**({} if args.polish is None else {"polish": args.polish})),
         format=args.format,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats is not None else (),
         group_size=args.group_size,

@@ -28,7 +28,7 @@ SHAPES = [(4, 128, 128, 64), (4, 80, 96, 64), (4, 80, 112, 32)]
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for var in ("DAQ_MOE_KERNEL", "DAQ_KERNEL", "DAQ_DISABLED_KERNELS"):
+    for var in ("DAQ_MOE_KERNEL", "DAQ_DISABLED_MOE_KERNELS", "DAQ_KERNEL", "DAQ_DISABLED_KERNELS"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -266,10 +266,43 @@ def test_forcing_a_kernel_that_cannot_run_names_it_and_why(monkeypatch):
         choose_moe_kernel(make_spec(bits=3))
 
 
-def test_an_unknown_kernel_name_lists_the_known_ones(monkeypatch):
-    monkeypatch.setenv("DAQ_MOE_KERNEL", "marlin")
-    with pytest.raises(DAQError, match="DAQ_MOE_KERNEL names no MoE kernel 'marlin'; choose one of: triton_moe, loop"):
+@pytest.mark.parametrize("var", ["DAQ_MOE_KERNEL", "DAQ_DISABLED_MOE_KERNELS"])
+def test_an_unknown_kernel_name_lists_the_known_ones(monkeypatch, var):
+    monkeypatch.setenv(var, "marlin")
+    with pytest.raises(DAQError, match=f"^{var} names no MoE kernel 'marlin'; choose one of: triton_moe, loop$"):
         choose_moe_kernel(make_spec())
+
+
+def test_a_dense_kernel_name_is_no_moe_kernel(monkeypatch):
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop, cpu")
+    with pytest.raises(DAQError, match="DAQ_DISABLED_MOE_KERNELS names no MoE kernel 'cpu'"):
+        choose_moe_kernel(make_spec())
+
+
+def test_cuda_falls_back_to_loop_when_triton_moe_is_disabled(monkeypatch):
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "triton_moe")
+    assert choose_moe_kernel(make_spec(device="cuda", dtype=torch.bfloat16)).name == "loop"
+
+
+def test_disabling_every_kernel_is_one_error_listing_the_refusals(monkeypatch):
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop")
+    with pytest.raises(DAQError) as err:
+        choose_moe_kernel(make_spec(device="cpu"))
+    assert str(err.value) == (
+        "no DAQ MoE kernel can run the layer 4 experts w13 [256, 128] w2 [128, 128] 4-bit g64 silu float32 on cpu "
+        "(loop: disabled by DAQ_DISABLED_MOE_KERNELS); re-enable a kernel in DAQ_DISABLED_MOE_KERNELS, move the "
+        "model to a supported device or change the layer's activation")
+    with pytest.raises(DAQError) as err:  # on CUDA, triton_moe's own refusal is listed too
+        choose_moe_kernel(make_spec(device="cuda", bits=3))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no DAQ MoE kernel can run the layer 4 experts")
+    assert "(triton_moe: reads 4-bit codes" in message and "; loop: disabled by DAQ_DISABLED_MOE_KERNELS)" in message
+
+
+def test_forcing_wins_over_disabling(monkeypatch):
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop")
+    monkeypatch.setenv("DAQ_MOE_KERNEL", "loop")
+    assert choose_moe_kernel(make_spec()).name == "loop"
 
 
 def test_no_kernel_left_joins_every_reason():

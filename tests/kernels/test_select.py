@@ -73,6 +73,12 @@ def test_an_unknown_kernel_name_lists_the_known_ones(monkeypatch, var):
         choose_kernel(spec())
 
 
+def test_the_moe_variables_do_not_steer_dense_kernels(monkeypatch):
+    monkeypatch.setenv("DAQ_MOE_KERNEL", "loop")
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop")
+    assert choose_kernel(spec()).name == "cpu"
+
+
 def test_the_choice_is_logged_once_per_distinct_spec(caplog):
     caplog.set_level(logging.INFO, logger="daq_vllm.kernels")
     first = spec(n=1000)

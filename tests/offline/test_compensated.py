@@ -1,4 +1,4 @@
-"""Error-compensated (GPTQ-style) rounding onto LDRA's grids: full moments, loss, pipeline, CLI."""
+"""Error-compensated (GPTQ-style) rounding and its polishing: full moments, loss, pipeline, CLI."""
 
 import json
 
@@ -13,8 +13,11 @@ from daq_vllm.offline.compensated import (
     InputHessian,
     compensate,
     compensated_codes,
+    descend_codes,
+    refit_grids,
     row_losses,
 )
+from daq_vllm.offline.grid import QuantizedWeight
 from daq_vllm.offline.ldra import LDRASpec, quantize_weight_ldra
 from daq_vllm.offline.ranges import InitSpec
 
@@ -53,7 +56,7 @@ def dequant(qw, cb, g, k):
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "int3"])
 def test_compensation_lowers_the_full_output_error_and_keeps_the_grids(fmt):
     w, h, qw, cb = correlated_problem(fmt)
-    new, (before, after) = compensate(w, InputHessian(h.clone(), CompensationSpec()), qw, cb, 64)
+    new, (before, after) = compensate(w, InputHessian(h.clone(), CompensationSpec(polish=0)), qw, cb, 64)
     assert torch.equal(new.scales, qw.scales) and torch.equal(new.offsets, qw.offsets)
     assert new.codes.shape == qw.codes.shape and int(new.codes.max()) < 2**cb.bits
     rows_before = row_losses(dequant(qw, cb, 64, 192), w, h)
@@ -61,6 +64,76 @@ def test_compensation_lowers_the_full_output_error_and_keeps_the_grids(fmt):
     assert (rows_after <= rows_before).all()
     assert (before, after) == pytest.approx((rows_before.sum().item(), rows_after.sum().item()), rel=1e-6)
     assert after < 0.9 * before  # correlated inputs: compensation must pay off clearly
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "fp3_e2m0"])
+def test_polishing_lowers_every_rows_loss_below_gptq(fmt):
+    w, h, qw, cb = correlated_problem(fmt)
+    gptq, _ = compensate(w, InputHessian(h.clone(), CompensationSpec(polish=0)), qw, cb, 64)
+    polished, (_, after) = compensate(w, InputHessian(h.clone(), CompensationSpec(polish=2)), qw, cb, 64)
+    rows_gptq = row_losses(dequant(gptq, cb, 64, 192), w, h)
+    rows_polished = row_losses(dequant(polished, cb, 64, 192), w, h)
+    assert (rows_polished <= rows_gptq).all()
+    assert after == pytest.approx(rows_polished.sum().item(), rel=1e-6)
+    assert after < 0.97 * rows_gptq.sum().item()
+    assert polished.scales.dtype == polished.offsets.dtype == torch.float16
+    assert not torch.equal(polished.scales, qw.scales)  # the grids moved
+
+
+def brute_force_descent(w, h, qw, cb, g):
+    """One coordinate-descent pass written plainly: weight by weight in column order, every code tried."""
+    codes = qw.codes.clone()
+    scales = qw.scales.float().repeat_interleave(g, 1)[:, : w.shape[1]]
+    offsets = qw.offsets.float().repeat_interleave(g, 1)[:, : w.shape[1]]
+    grid = cb.tensor("cpu")[None, :] * scales[..., None] + offsets[..., None]  # [N, K, codes]
+    for n in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            current = grid[n, torch.arange(w.shape[1]), codes[n]]
+            trial = current[:, None].repeat(1, grid.shape[2])
+            trial[j] = grid[n, j]  # column c: row n's weights with weight j set to code c
+            d = trial - w[n][:, None]
+            loss = ((h @ d) * d).sum(0)
+            codes[n, j] = int(torch.argmin(loss))
+    return codes
+
+
+def test_coordinate_descent_moves_each_weight_to_its_best_code():
+    gen = torch.Generator().manual_seed(3)
+    k, g = 40, 32  # a full group and a partial one
+    w = torch.randn(3, k, generator=gen) * 0.02
+    x = torch.randn(200, k, generator=gen) @ (torch.eye(k) + 0.4 * torch.randn(k, k, generator=gen) / k**0.5)
+    h = x.T @ x / x.shape[0]
+    cb = get_codebook("int4")
+    blocks = [h[:32, :32][None], h[32:, 32:][None]]
+    qw, _ = quantize_weight_ldra(w, blocks, cb, g, InitSpec("dca"), LDRASpec())
+    new = descend_codes(w, InputHessian(h.clone(), CompensationSpec(act_order=False, block=16)), qw, cb, g)
+    assert torch.equal(new.codes, brute_force_descent(w, h, qw, cb, g))
+    assert torch.equal(new.scales, qw.scales) and torch.equal(new.offsets, qw.offsets)
+
+
+def test_refit_solves_each_groups_least_squares_when_groups_are_uncorrelated():
+    """With a block-diagonal H the groups decouple: the refit is each group's exact weighted least
+    squares (s, b) for its codes, up to the fp16 the checkpoint stores."""
+    gen = torch.Generator().manual_seed(4)
+    k, g = 128, 64
+    w = torch.randn(5, k, generator=gen) * 0.02
+    h = torch.zeros(k, k)
+    for i in (0, 64):
+        x = torch.randn(300, g, generator=gen) * (torch.rand(g, generator=gen) + 0.3)
+        h[i : i + g, i : i + g] = x.T @ x / 300
+    cb = get_codebook("nf4")
+    qw, _ = quantize_weight_ldra(w, [torch.stack([h[:64, :64], h[64:, 64:]])], cb, g, InitSpec("dca"), LDRASpec())
+    qw = QuantizedWeight(qw.codes, (qw.scales.float() * 1.3).half(), qw.offsets)  # a grid worth refitting
+    new = refit_grids(w, InputHessian(h.clone(), CompensationSpec()), qw, cb, g)
+    assert torch.equal(new.codes, qw.codes)
+    v = cb.tensor("cpu")[qw.codes]
+    for n in range(5):
+        for j, i in enumerate((0, 64)):
+            a = torch.stack([v[n, i : i + g], torch.ones(g)], 1).double()
+            hg = h[i : i + g, i : i + g].double()
+            s, b = torch.linalg.solve(a.T @ hg @ a, a.T @ hg @ w[n, i : i + g].double())
+            assert float(new.scales[n, j]) == pytest.approx(float(s), rel=2e-3, abs=1e-6)
+            assert float(new.offsets[n, j]) == pytest.approx(float(b), rel=2e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -88,6 +161,7 @@ def test_pipeline_rounds_with_compensation_by_default(tiny_llama, tmp_path):
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["provenance"]["method"] == "daq+gptq"
     assert cfg["provenance"]["compensation"]["act_order"] is True
+    assert cfg["provenance"]["compensation"]["polish"] == CompensationSpec.polish
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.isfinite(model(torch.randint(3, 250, (1, 16))).logits).all()
 
@@ -95,10 +169,24 @@ def test_pipeline_rounds_with_compensation_by_default(tiny_llama, tmp_path):
     nearest = json.loads((tmp_path / "n" / "quantization_report.json").read_text())
     assert all("full_loss" not in info for layer in nearest["layers"] for info in layer["linears"].values())
 
+    assert cli.main(daq_args(tiny_llama, tmp_path / "p2", calib, "--polish", "2")) == 0
+    polished = json.loads((tmp_path / "p2" / "config.json").read_text())["quantization_config"]
+    assert polished["provenance"]["compensation"]["polish"] == 2
+    report = json.loads((tmp_path / "p2" / "quantization_report.json").read_text())
+    polished_after = sum(info["full_loss"][1] for layer in report["layers"] for info in layer["linears"].values())
+    assert polished_after < sum(a for _, a in losses)  # polishing lowers the loss GPTQ leaves
+
 
 def test_gptq_rounding_without_calibration_is_refused(tiny_llama, tmp_path, capsys):
     code = cli.main(["quantize", str(tiny_llama), "--out", str(tmp_path / "o"), "--method", "rtn",
                      "--rounding", "gptq", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "--rounding gptq needs calibration" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_negative_polish_is_refused(tiny_llama, tmp_path, capsys):
+    code = cli.main(["quantize", str(tiny_llama), "--out", str(tmp_path / "o"), "--polish", "-1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--polish -1 is negative" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
