@@ -133,6 +133,16 @@ class InputHessian:
         """W's columns [N, K] in H's order (a float32 copy)."""
         return (w[:, self.order] if self.order is not None else w).float().clone()
 
+    def ordered_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [N, K] with columns in H's order (a copy, safe to write)."""
+        return codes[:, self.order] if self.order is not None else codes.clone()
+
+    def groups(self, group_size: int) -> torch.Tensor:
+        """The group index of each column in H's order [K]."""
+        k = self.h.shape[0]
+        columns = self.order if self.order is not None else torch.arange(k, device=self.h.device)
+        return columns // group_size
+
     def unordered(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes in H's column order back to W's."""
         if self.order is None:
@@ -150,8 +160,7 @@ def compensated_codes(
     device = w.device
     block, u = hess.spec.block, hess.u
     w = hess.ordered(w)
-    columns = hess.order if hess.order is not None else torch.arange(k, device=device)
-    group_of = columns // group_size
+    group_of = hess.groups(group_size)
     scales, offsets = qw.scales.float(), qw.offsets.float()
     nearest = NearestCode(codebook, device)
     values = codebook.tensor(device)
@@ -180,16 +189,12 @@ def refit_grids(
     group (a 2x2 Newton step with the other groups held), keeping the gradient H dw_n of every row
     current with one [N, L] x [L, K] product per group: a sweep costs one N x K x K product.
     """
-    device = w.device
-    n, k = w.shape
-    h = hess.h
-    order = hess.order if hess.order is not None else torch.arange(k, device=device)
-    group_of = order // group_size
-    values = codebook.tensor(device).float()
-    v = values[qw.codes[:, order]]
-    w_o = hess.ordered(w)
+    h, group_of = hess.h, hess.groups(group_size)
+    values = codebook.tensor(w.device)
+    codes = hess.ordered_codes(qw.codes)
+    v = values.float()[codes]
     s, b = qw.scales.float().clone(), qw.offsets.float().clone()
-    grad = (s[:, group_of] * v + b[:, group_of] - w_o) @ h
+    grad = (decode_values(codes, s[:, group_of], b[:, group_of], values) - hess.ordered(w)) @ h
     members = [torch.nonzero(group_of == g).squeeze(1) for g in range(s.shape[1])]
     for _ in range(REFIT_SWEEPS):
         for g, idx in enumerate(members):
@@ -206,8 +211,8 @@ def refit_grids(
             ok &= torch.isfinite(new_s) & (new_s >= MIN_SCALE)
             new_s = torch.where(ok, new_s, s[:, g])
             # b's exact minimiser for the stored (fp16) s: the gradient in b moves by c * ds
-            new_b = (b[:, g] - (gb + c * (new_s - s[:, g])) / d).half().float() if d > 0 else b[:, g]
-            new_b = torch.where(torch.isfinite(new_b), new_b, b[:, g])
+            new_b = (b[:, g] - (gb + c * (new_s - s[:, g])) / d).half().float()
+            new_b = torch.where(torch.isfinite(new_b), new_b, b[:, g])  # also d = 0: a dead group
             delta = (new_s - s[:, g])[:, None] * v_g + (new_b - b[:, g])[:, None]
             grad += delta @ h_rows
             s[:, g], b[:, g] = new_s, new_b
@@ -226,14 +231,12 @@ def descend_codes(
     """
     device = w.device
     n, k = w.shape
-    h, block = hess.h, hess.spec.block
-    order = hess.order if hess.order is not None else torch.arange(k, device=device)
-    group_of = order // group_size
-    values = codebook.tensor(device).float()
+    h, block, group_of = hess.h, hess.spec.block, hess.groups(group_size)
+    values = codebook.tensor(device)
     nearest = NearestCode(codebook, device)
-    codes = qw.codes[:, order]
+    codes = hess.ordered_codes(qw.codes)
     scales, offsets = qw.scales.float(), qw.offsets.float()
-    w_hat = scales[:, group_of] * values[codes] + offsets[:, group_of]
+    w_hat = decode_values(codes, scales[:, group_of], offsets[:, group_of], values)
     grad = (w_hat - hess.ordered(w)) @ h
     diag, groups = h.diagonal(), group_of.tolist()
     live = (diag > 0).tolist()
@@ -248,7 +251,7 @@ def descend_codes(
             s, b = scales[:, groups[col]], offsets[:, groups[col]]
             target = w_hat[:, col] - g_blk[:, j] / diag[col]
             c = nearest((target - b) / s)
-            new = s * values[c] + b
+            new = decode_values(c, s, b, values)
             dj = new - w_hat[:, col]
             g_blk += dj[:, None] * h_blk[j][None]
             w_hat[:, col], codes[:, col], delta[:, j] = new, c, dj

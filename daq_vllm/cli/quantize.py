@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounding", default=None, choices=list(ROUNDINGS),
                    help="codes on the tuned grids: gptq = error-compensated, column by column through the full input "
                         "second moment (default with --method daq; K x K floats per input) or nearest (the paper's)")
-    p.add_argument("--polish", type=int, default=None, metavar="N",
+    p.add_argument("--polish", type=int, default=CompensationSpec.polish, metavar="N",
                    help=f"--rounding gptq: rounds of polishing after GPTQ, each a coordinate-descent pass over the "
                         f"codes and a refit of the scales and offsets under the full input second moment (default: "
                         f"{CompensationSpec.polish}; 0 = GPTQ's codes on LDRA's grids)")
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise DAQError("--nproc must be at least 1")
     if args.epochs < 1 or args.iters < 1:
         raise DAQError("--epochs and --iters must be at least 1")
-    if args.polish is not None and args.polish < 0:
+    if args.polish < 0:
         raise DAQError(f"--polish {args.polish} is negative; use 0 (no polishing) or more rounds")
     opts = recipe_options(
         args.method,
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         init=InitSpec(method=args.ldra_init, dca_center=args.dca_center, dca_shrink=args.dca_shrink),
         ldra=LDRASpec(solver=args.ldra_solver, epochs=args.epochs, iters=args.iters,
                       **({"shrink_grid": ()} if args.no_shrink_grid else {})),
-        compensation=CompensationSpec(**({} if args.polish is None else {"polish": args.polish})),
+        compensation=CompensationSpec(polish=args.polish),
         format=args.format,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats is not None else (),
         group_size=args.group_size,
