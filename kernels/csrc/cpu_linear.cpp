@@ -4,8 +4,9 @@
 // This file is built for baseline x86-64: it checks inputs, prepares the activations once per
 // call (fp32 copy, per-group sums of x for the offset term), splits the output blocks over torch's
 // intra-op thread pool and runs the instruction-set body chosen by the caller. Small M (decode)
-// runs the fused kernel; above `max_fused_m` a tile of decoded columns at a time goes through
-// torch's GEMM. The scalar body below is the portable path and the oracle for the SIMD ones.
+// runs the fused kernel; above `max_fused_m` AVX2 runs its panel GEMM, the others decode a tile of
+// columns at a time for torch's GEMM. The scalar body below is the portable path and the oracle
+// for the SIMD ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -64,29 +65,28 @@ void gemm_scalar(const Problem& p, int64_t block_begin, int64_t block_end) {
   }
 }
 
-void dequant_scalar(const Problem& p, int64_t block_begin, int64_t block_end, float* w_t, int64_t ld) {
+void dequant_scalar(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
+                    float* w_t, int64_t ld) {
   constexpr int half = kScalarBN / 2;
   for (int64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* codes = p.codes + b * p.k * half;
     const uint16_t* scale_offset = p.scale_offset + b * p.groups * 2 * kScalarBN;
-    float* column = w_t + (b - block_begin) * kScalarBN;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const uint16_t* so = scale_offset + g * 2 * kScalarBN;
-      for (int64_t kk = g * p.group_size; kk < group_end(p, g); ++kk) {
-        const uint8_t* row = codes + kk * half;
-        for (int j = 0; j < kScalarBN; ++j) {
-          const int code = j < half ? row[j] & 15 : row[j - half] >> 4;
-          column[kk * ld + j] = p.lut[code] * half_to_float(so[j]) + half_to_float(so[kScalarBN + j]);
-        }
+    float* column = w_t + (b - block_begin) * kScalarBN - k_begin * ld;
+    for (int64_t kk = k_begin; kk < k_end; ++kk) {
+      const uint16_t* so = scale_offset + (kk / p.group_size) * 2 * kScalarBN;
+      const uint8_t* row = codes + kk * half;
+      for (int j = 0; j < kScalarBN; ++j) {
+        const int code = j < half ? row[j] & 15 : row[j - half] >> 4;
+        column[kk * ld + j] = p.lut[code] * half_to_float(so[j]) + half_to_float(so[kScalarBN + j]);
       }
     }
   }
 }
 
 using GemmBody = void (*)(const Problem&, int64_t, int64_t);
-using DequantBody = void (*)(const Problem&, int64_t, int64_t, float*, int64_t);
+using Dequant = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 
-std::pair<GemmBody, DequantBody> bodies(int64_t isa) {
+std::pair<GemmBody, Dequant> bodies(int64_t isa) {
   switch (isa) {
     case kScalar: return {gemm_scalar, dequant_scalar};
     case kAvx2:
@@ -119,9 +119,9 @@ void run_fused(const Problem& p, GemmBody body, int64_t blocks) {
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { body(p, begin, end); });
 }
 
-// Prefill: decode a tile of output columns at a time into one reused buffer and multiply it with
-// torch's GEMM into the tile's columns of y.
-void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block_n, const at::Tensor& x,
+// Portable prefill: decode a tile of output columns at a time into one reused buffer and multiply
+// it with torch's GEMM into the tile's columns of y.
+void run_tiled(const Problem& p, Dequant body, int64_t blocks, int64_t block_n, const at::Tensor& x,
                const at::Tensor& y) {
   const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
   const int64_t ld = tile_blocks * block_n;
@@ -133,7 +133,7 @@ void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block
   for (int64_t b0 = 0; b0 < blocks; b0 += tile_blocks) {
     const int64_t b1 = std::min(blocks, b0 + tile_blocks);
     at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
-      body(p, begin, end, w_ptr + (begin - b0) * block_n, ld);
+      body(p, begin, end, 0, p.k, w_ptr + (begin - b0) * block_n, ld);
     });
     const int64_t n0 = b0 * block_n;
     const int64_t cols = std::min(p.n, b1 * block_n) - n0;
@@ -144,6 +144,15 @@ void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block
       y.narrow(1, n0, cols).copy_(at::mm(x, w_t.narrow(1, 0, cols)));
     }
   }
+}
+
+// AVX2 prefill: decoded panels through our register-blocked GEMM, threads over blocks, into y
+// padded to whole blocks. On this AMD Zen 3 it runs 1.0-1.4x torch's fp32 GEMM (MKL) from M = 32
+// up, decode included (benchmarks/results/kernels-cpu.md). AVX-512 CPUs keep torch's GEMM, which
+// is twice as wide as this kernel there.
+void run_panels(const Problem& p, int64_t blocks, float* y, int64_t ldy) {
+  const int64_t grain = p.n * p.k < kParallelWeights ? blocks : 1;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { gemm_panels_avx2(p, begin, end, y, ldy); });
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_offset,
@@ -170,9 +179,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   out_shape.back() = out_features;
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
-  at::Tensor y = at::empty({m, out_features}, x2.options());
+  const bool panels = m > max_fused_m && isa == kAvx2;
+  // The panel GEMM writes whole blocks: its output is padded, then narrowed.
+  at::Tensor y = at::empty({m, panels ? blocks * block_n : out_features}, x2.options());
   if (m > 0) {
-    std::vector<float> x_group_sums = group_sums(x2.data_ptr<float>(), m, k, group_size);
+    const bool fused = m <= max_fused_m;
+    // Only the fused kernel folds the offsets into sums of x; the prefill paths decode them.
+    const std::vector<float> x_group_sums = fused ? group_sums(x2.data_ptr<float>(), m, k, group_size)
+                                                  : std::vector<float>();
     const Problem p{x2.data_ptr<float>(),
                     x_group_sums.data(),
                     codes.data_ptr<uint8_t>(),
@@ -180,14 +194,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
                     lut.data_ptr<float>(),
                     y.data_ptr<float>(),
                     m, out_features, k, groups, group_size};
-    if (m <= max_fused_m) {
+    if (fused) {
       run_fused(p, gemm_body, blocks);
+    } else if (panels) {
+      run_panels(p, blocks, y.data_ptr<float>(), y.size(1));
     } else {
       run_tiled(p, dequant_body, blocks, block_n, x2, y);
     }
   }
+  if (y.size(1) != out_features) y = y.narrow(1, 0, out_features);
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return y.to(x.scalar_type()).view(out_shape);
+  return y.to(x.scalar_type()).contiguous().view(out_shape);
 }
 
 int64_t best_isa() { return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kScalar; }

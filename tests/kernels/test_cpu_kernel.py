@@ -19,9 +19,10 @@ from daq_vllm.kernels import LinearSpec, choose_kernel, dequantize, pack_codes
 from daq_vllm.kernels.cpu_build import CpuKernelUnavailable, ensure_loaded
 from daq_vllm.kernels.cpu_linear import BLOCK_N, ISAS, ORDERS, CpuKernel, best_isa, repack
 
-# (N, K, group): N not a multiple of any block, K with a partial last group, every group size.
-SHAPES = [(200, 1000, 64), (48, 96, 32), (24, 300, 128), (33, 64, 64)]
-ROWS = [1, 3, 16, 64]
+# (N, K, group): N not a multiple of any block, K with a partial last group, every group size, and
+# groups that end inside and past the AVX2 prefill's 128-row panels.
+SHAPES = [(200, 1000, 64), (48, 96, 32), (24, 300, 128), (33, 64, 64), (40, 600, 256)]
+ROWS = [1, 2, 3, 11, 16, 64]  # every remainder of the 6-row tiles of the AVX2 prefill
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,10 +93,20 @@ def test_every_path_matches_the_reference(isa, fmt, monkeypatch):
             kernel.prepare(layer)
             assert kernel.isa == isa
             bias = torch.randn(n)
-            for fused_up_to in (0, 1000):  # decode-tile + torch GEMM, and the fused kernel, for every M
-                monkeypatch.setattr(cpu_linear, "MAX_FUSED_M", fused_up_to)
+            for fused_up_to in (0, 1000):  # the prefill path, and the fused kernel, for every M
+                monkeypatch.setattr(cpu_linear, "MAX_FUSED_M", dict.fromkeys(ISAS, fused_up_to))
                 for m in ROWS:
                     check_against_reference(layer, kernel, torch.randn(m, k).to(dtype), bias)
+
+
+@pytest.mark.parametrize("m", [121, 300])
+def test_long_prompts_and_wide_layers_match_the_reference(isa, m):
+    """The AVX2 prefill goes in chunks of 120 rows and groups of blocks whose output tiles fit L2:
+    M past one chunk (a partial last one) and N past one group (19 blocks of 32) exercise both."""
+    layer = Layer("nf4", 600, 300, 64)
+    kernel = CpuKernel(layer.spec())
+    kernel.prepare(layer)
+    check_against_reference(layer, kernel, torch.randn(m, 300), torch.randn(600))
 
 
 def test_leading_dimensions_and_no_bias():
