@@ -27,14 +27,29 @@ def smollm2_float_dir() -> Path:
     return export_float_checkpoint(smollm2_gguf(), CACHE / "smollm2-135m-fp32")
 
 
+def quantize_defaults() -> dict:
+    """What `daq-vllm quantize MODEL --out DIR` resolves its options to today (CLI defaults and the
+    recipe's own defaults), to tell a cached "default" checkpoint from one made under older defaults."""
+    from daq_vllm.cli.main import build_parser
+    from daq_vllm.offline.options import AUTO_CANDIDATES, DEFAULT_FORMAT
+
+    args = vars(build_parser().parse_args(["quantize", "MODEL", "--out", "DIR"]))
+    return {**{k: v for k, v in args.items() if k not in ("model", "out", "func")},
+            "default_format": DEFAULT_FORMAT, "auto_candidates": list(AUTO_CANDIDATES)}
+
+
 def default_daq_checkpoint(full: Path) -> Path:
-    """`full` quantized with the default DAQ settings, made once (about 5 minutes for SmolLM2 on 2 cores).
+    """`full` quantized with the default DAQ settings, made once (about 8 minutes for SmolLM2 on 2 cores)
+    and again when the defaults change (a stamp file records those it was made with).
 
     The throughput and eval-speed benchmarks share it, so each measures the same checkpoint."""
     out = CACHE / "throughput-daq"
-    if not (out / "config.json").is_file():
+    stamp = CACHE / "throughput-daq.defaults.json"
+    defaults = json.dumps(quantize_defaults(), sort_keys=True, default=str)
+    if not (out / "config.json").is_file() or not stamp.is_file() or stamp.read_text() != defaults:
         subprocess.run([sys.executable, "-m", "daq_vllm.cli", "quantize", str(full), "--out", str(out), "--overwrite"],
                        check=True)
+        stamp.write_text(defaults)
     return out
 
 
@@ -78,13 +93,55 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), own
 
 
-def others_busy(start: tuple[float, float], wall_s: float) -> float:
-    """Share of all cores that other processes kept busy since the `cpu_seconds()` snapshot `start`.
+def others_busy(start: tuple[float, float], wall_s: float, own_s: float | None = None) -> float:
+    """Share of all cores that other processes kept busy since the `cpu_seconds()` snapshot `start`
+    (`own_s`: this run's CPU seconds since then, where `cpu_seconds` cannot see them all).
 
     On a shared machine a timing is only as good as this is small: a stolen core stalls every
     parallel region (times snap to multiples of the scheduler tick)."""
     end = cpu_seconds()
-    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (wall_s * (os.cpu_count() or 1))
+    own = end[1] - start[1] if own_s is None else own_s
+    return max(0.0, (end[0] - start[0]) - own) / (wall_s * (os.cpu_count() or 1))
+
+
+class ProcessTreeCpu:
+    """CPU seconds of this process and of every process it starts, sampled while they run.
+
+    vLLM's engine and server processes are reaped late or not by us (a server's engine core by the
+    server), so `os.times()` misses their time and `others_busy` would count it as another's."""
+
+    def __init__(self, interval_s: float = 0.5):
+        import threading
+
+        import psutil  # a vLLM dependency; only the serving benchmark uses this
+
+        self._me = psutil.Process()
+        self._start = self._own()
+        self._last: dict[int, float] = {}  # pid -> its user + system seconds when last seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _own(self) -> float:
+        t = self._me.cpu_times()
+        return t.user + t.system
+
+    def _poll(self, interval_s: float) -> None:
+        import psutil
+
+        while not self._stop.wait(interval_s):
+            for child in self._me.children(recursive=True):
+                try:
+                    t = child.cpu_times()
+                except psutil.Error:  # gone since the listing
+                    continue
+                self._last[child.pid] = t.user + t.system
+
+    def seconds(self) -> float:
+        """This process's CPU seconds since construction plus its descendants' (each last seen <= interval ago)."""
+        self._stop.set()
+        self._thread.join()
+        return self._own() - self._start + sum(self._last.values())
 
 
 def contention_line(share: float) -> str:

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     CACHE,
     RESULTS,
+    ProcessTreeCpu,
     contention_line,
     cpu_info,
     cpu_line,
@@ -309,6 +310,7 @@ def main() -> None:
     models += [(DAQ_ROW if d == "auto" else f"{DAQ_ROW} {SHORT.get(d, d)}", daq, d) for d in args.daq_dtypes]
     vocab = json.loads((full / "config.json").read_text())["vocab_size"]
     start, t0 = cpu_seconds(), time.perf_counter()
+    tree = ProcessTreeCpu() if args.device == "cpu" else None
     payload = {"device": args.device, "machine": machine(), "vllm": vllm.__version__,
                "date": time.strftime("%Y-%m-%d %H:%M"),
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}, "models": {}}
@@ -324,7 +326,7 @@ def main() -> None:
               f"{row['online']['output_tok_s']:.1f} output tok/s", flush=True)
         payload["models"][name] = row
     if args.device == "cpu":
-        payload["others_busy"] = others_busy(start, time.perf_counter() - t0)
+        payload["others_busy"] = others_busy(start, time.perf_counter() - t0, tree.seconds())
     payload["goals"] = goals(payload)
     name = f"throughput-{args.device}" + (f"-{args.name}" if args.name else "")
     write_results(name, payload, markdown(payload), args.results)

@@ -5,7 +5,9 @@
 // every value's low 16 bits are zero (E2M1, E2M0, the integer grids: exact in bfloat16) two planes
 // suffice. The unpacks leave codes in a fixed order, which the repack (`kernels/cpu_linear.py`,
 // `avx2` order) matches, so the four decoded vectors are outputs 0..7, 8..15, 16..23, 24..31.
-// Everything here has internal linkage and is compiled for AVX2 only by the pragma below.
+// Two bodies: the fused decode-GEMM for small M (gemm_avx2) and, for prefill, a register-blocked
+// GEMM on decoded panels (gemm_panels_avx2). Everything here has internal linkage, except those
+// two, and is compiled for AVX2 only by the pragma below.
 #include <immintrin.h>
 
 #include "cpu_kernel.h"
@@ -186,7 +188,7 @@ void dequant_blocks(const Problem& p, const Table& t, int64_t block_begin, int64
 // per k, two panel vectors, kTileM broadcasts of x and 2 * kTileM FMAs, so it runs at the FMA rate.
 // (Packing x k-major first, as BLIS packs A, measured slower here: the packing pass costs more.)
 constexpr int64_t kPanelK = 128;
-constexpr int64_t kChunkM = 120;                       // rows per chunk: 120 KiB of activations per panel
+constexpr int64_t kChunkM = 120;                       // rows per chunk: 60 KiB of activations per panel
 constexpr int64_t kOutputBytes = int64_t{64} << 10;  // output tiles of a group of blocks (L2 is 512 KiB+)
 constexpr int kTileM = 6;   // 12 accumulators + 2 panel vectors + 1 broadcast: 15 of 16 registers
 constexpr int kTileN = 16;  // two vectors; a block is two such column halves
@@ -271,16 +273,6 @@ void gemm_panels_avx2(const Problem& p, int64_t block_begin, int64_t block_end, 
     panel_blocks<true>(p, t, block_begin, block_end, y, ldy);
   } else {
     panel_blocks<false>(p, t, block_begin, block_end, y, ldy);
-  }
-}
-
-void dequant_avx2(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
-                  float* w_t, int64_t ld) {
-  const Table t = load_table(p.lut);
-  if (t.full) {
-    dequant_blocks<true>(p, t, block_begin, block_end, k_begin, k_end, w_t, ld);
-  } else {
-    dequant_blocks<false>(p, t, block_begin, block_end, k_begin, k_end, w_t, ld);
   }
 }
 

@@ -33,10 +33,8 @@ void gemm_avx2(const Problem& p, int64_t block_begin, int64_t block_end);
 void gemm_avx512(const Problem& p, int64_t block_begin, int64_t block_end);
 
 // Decoded weights of blocks [block_begin, block_end) and inputs [k_begin, k_end), transposed:
-// w_t[k - k_begin, (b - block_begin)*BN + j] with row stride `ld`. The portable prefill path
-// multiplies x by such a tile with torch's GEMM; the AVX2 one by such a panel with its own.
-void dequant_avx2(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
-                  float* w_t, int64_t ld);
+// w_t[k - k_begin, (b - block_begin)*BN + j] with row stride `ld`: the tiles that the AVX-512 and
+// portable prefill paths multiply with torch's GEMM.
 void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
                     float* w_t, int64_t ld);
 

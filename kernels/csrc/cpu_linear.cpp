@@ -89,9 +89,9 @@ using Dequant = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, flo
 std::pair<GemmBody, Dequant> bodies(int64_t isa) {
   switch (isa) {
     case kScalar: return {gemm_scalar, dequant_scalar};
-    case kAvx2:
+    case kAvx2:  // its prefill is gemm_panels_avx2, which decodes as it goes
       TORCH_CHECK(cpu_has_avx2(), "daq_cpu: this CPU has no AVX2+FMA");
-      return {gemm_avx2, dequant_avx2};
+      return {gemm_avx2, nullptr};
     case kAvx512:
       TORCH_CHECK(cpu_has_avx512(), "daq_cpu: this CPU has no AVX-512F");
       return {gemm_avx512, dequant_avx512};
