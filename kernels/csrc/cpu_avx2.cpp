@@ -156,28 +156,28 @@ void gemm_blocks(const Problem& p, const Table& t, int64_t block_begin, int64_t 
   }
 }
 
+// Rows [k_begin, k_end) of one block's decoded weights (scale and offset applied) into `panel`,
+// row-major with BN floats a row: the operand of the prefill GEMM below.
 template <bool kFull>
-void dequant_blocks(const Problem& p, const Table& t, int64_t block_begin, int64_t block_end, int64_t k_begin,
-                    int64_t k_end, float* w_t, int64_t ld) {
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const uint8_t* codes = p.codes + b * p.k * (BN / 2);
-    const uint16_t* scale_offset = p.scale_offset + b * p.groups * 2 * BN;
-    float* column = w_t + (b - block_begin) * BN - k_begin * ld;
-    for (int64_t g = k_begin / p.group_size; g * p.group_size < k_end; ++g) {
-      const uint16_t* so = scale_offset + g * 2 * BN;
-      __m256 s[kVectors], o[kVectors];
+void decode_panel(const Problem& p, const Table& t, int64_t block, int64_t k_begin, int64_t k_end, float* panel) {
+  const uint8_t* codes = p.codes + block * p.k * (BN / 2);
+  const uint16_t* scale_offset = p.scale_offset + block * p.groups * 2 * BN;
+  for (int64_t g = k_begin / p.group_size; g * p.group_size < k_end; ++g) {
+    const uint16_t* so = scale_offset + g * 2 * BN;
+    __m256 s[kVectors], o[kVectors];
+#pragma GCC unroll 4
+    for (int i = 0; i < kVectors; ++i) {
+      s[i] = load_halves(so + 8 * i);
+      o[i] = load_halves(so + BN + 8 * i);
+    }
+    const int64_t k0 = g * p.group_size > k_begin ? g * p.group_size : k_begin;
+    const int64_t k1 = g * p.group_size + p.group_size < k_end ? g * p.group_size + p.group_size : k_end;
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      __m256 w[kVectors];
+      decode_row<kFull>(t, codes + kk * (BN / 2), w);
 #pragma GCC unroll 4
       for (int i = 0; i < kVectors; ++i) {
-        s[i] = load_halves(so + 8 * i);
-        o[i] = load_halves(so + BN + 8 * i);
-      }
-      const int64_t k0 = g * p.group_size > k_begin ? g * p.group_size : k_begin;
-      const int64_t k1 = g * p.group_size + p.group_size < k_end ? g * p.group_size + p.group_size : k_end;
-      for (int64_t kk = k0; kk < k1; ++kk) {
-        __m256 w[kVectors];
-        decode_row<kFull>(t, codes + kk * (BN / 2), w);
-#pragma GCC unroll 4
-        for (int i = 0; i < kVectors; ++i) _mm256_storeu_ps(column + kk * ld + 8 * i, _mm256_fmadd_ps(w[i], s[i], o[i]));
+        _mm256_storeu_ps(panel + (kk - k_begin) * BN + 8 * i, _mm256_fmadd_ps(w[i], s[i], o[i]));
       }
     }
   }
@@ -245,7 +245,7 @@ void panel_blocks(const Problem& p, const Table& t, int64_t block_begin, int64_t
       for (int64_t k0 = 0; k0 < p.k; k0 += kPanelK) {
         const int64_t kc = p.k - k0 < kPanelK ? p.k - k0 : kPanelK;
         for (int64_t b = g0; b < g1; ++b) {
-          dequant_blocks<kFull>(p, t, b, b + 1, k0, k0 + kc, panel, BN);
+          decode_panel<kFull>(p, t, b, k0, k0 + kc, panel);
           for (int64_t m0 = r0; m0 < r1; m0 += kTileM) {
             const int64_t rows = r1 - m0 < kTileM ? r1 - m0 : kTileM;
             kTileRows[rows](p.x + m0 * p.k + k0, p.k, panel, kc, y + m0 * ldy + b * BN, ldy, k0 > 0);

@@ -114,19 +114,18 @@ void gemm_avx512(const Problem& p, int64_t block_begin, int64_t block_end) {
   }
 }
 
-void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
-                    float* w_t, int64_t ld) {
+void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, float* w_t, int64_t ld) {
   const __m512 table = _mm512_loadu_ps(p.lut);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* codes = p.codes + b * p.k * (BN / 2);
     const uint16_t* scale_offset = p.scale_offset + b * p.groups * 2 * BN;
-    float* column = w_t + (b - block_begin) * BN - k_begin * ld;
-    for (int64_t g = k_begin / p.group_size; g * p.group_size < k_end; ++g) {
+    float* column = w_t + (b - block_begin) * BN;
+    for (int64_t g = 0; g < p.groups; ++g) {
       const uint16_t* so = scale_offset + g * 2 * BN;
       const __m512 s0 = load_halves(so), s1 = load_halves(so + 16);
       const __m512 o0 = load_halves(so + BN), o1 = load_halves(so + BN + 16);
-      const int64_t k0 = g * p.group_size > k_begin ? g * p.group_size : k_begin;
-      const int64_t k1 = g * p.group_size + p.group_size < k_end ? g * p.group_size + p.group_size : k_end;
+      const int64_t k0 = g * p.group_size;
+      const int64_t k1 = k0 + p.group_size < p.k ? k0 + p.group_size : p.k;
       for (int64_t kk = k0; kk < k1; ++kk) {
         __m512 w0, w1;
         decode_row(table, codes + kk * (BN / 2), w0, w1);

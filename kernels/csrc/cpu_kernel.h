@@ -32,11 +32,10 @@ struct Problem {
 void gemm_avx2(const Problem& p, int64_t block_begin, int64_t block_end);
 void gemm_avx512(const Problem& p, int64_t block_begin, int64_t block_end);
 
-// Decoded weights of blocks [block_begin, block_end) and inputs [k_begin, k_end), transposed:
-// w_t[k - k_begin, (b - block_begin)*BN + j] with row stride `ld`: the tiles that the AVX-512 and
-// portable prefill paths multiply with torch's GEMM.
-void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
-                    float* w_t, int64_t ld);
+// Decoded weights of blocks [block_begin, block_end), transposed: w_t[k, (b - block_begin)*BN + j]
+// with row stride `ld`: the tiles that the AVX-512 and portable prefill paths multiply with torch's
+// GEMM.
+void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, float* w_t, int64_t ld);
 
 // AVX2 prefill: y[:, b*BN : (b+1)*BN] (row stride ldy, N padded to whole blocks) for blocks
 // [block_begin, block_end), all M rows, decoding a panel of K rows at a time and multiplying it

@@ -65,28 +65,29 @@ void gemm_scalar(const Problem& p, int64_t block_begin, int64_t block_end) {
   }
 }
 
-void dequant_scalar(const Problem& p, int64_t block_begin, int64_t block_end, int64_t k_begin, int64_t k_end,
-                    float* w_t, int64_t ld) {
+void dequant_scalar(const Problem& p, int64_t block_begin, int64_t block_end, float* w_t, int64_t ld) {
   constexpr int half = kScalarBN / 2;
   for (int64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* codes = p.codes + b * p.k * half;
     const uint16_t* scale_offset = p.scale_offset + b * p.groups * 2 * kScalarBN;
-    float* column = w_t + (b - block_begin) * kScalarBN - k_begin * ld;
-    for (int64_t kk = k_begin; kk < k_end; ++kk) {
-      const uint16_t* so = scale_offset + (kk / p.group_size) * 2 * kScalarBN;
-      const uint8_t* row = codes + kk * half;
-      for (int j = 0; j < kScalarBN; ++j) {
-        const int code = j < half ? row[j] & 15 : row[j - half] >> 4;
-        column[kk * ld + j] = p.lut[code] * half_to_float(so[j]) + half_to_float(so[kScalarBN + j]);
+    float* column = w_t + (b - block_begin) * kScalarBN;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const uint16_t* so = scale_offset + g * 2 * kScalarBN;
+      for (int64_t kk = g * p.group_size; kk < group_end(p, g); ++kk) {
+        const uint8_t* row = codes + kk * half;
+        for (int j = 0; j < kScalarBN; ++j) {
+          const int code = j < half ? row[j] & 15 : row[j - half] >> 4;
+          column[kk * ld + j] = p.lut[code] * half_to_float(so[j]) + half_to_float(so[kScalarBN + j]);
+        }
       }
     }
   }
 }
 
 using GemmBody = void (*)(const Problem&, int64_t, int64_t);
-using Dequant = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+using DequantBody = void (*)(const Problem&, int64_t, int64_t, float*, int64_t);
 
-std::pair<GemmBody, Dequant> bodies(int64_t isa) {
+std::pair<GemmBody, DequantBody> bodies(int64_t isa) {
   switch (isa) {
     case kScalar: return {gemm_scalar, dequant_scalar};
     case kAvx2:  // its prefill is gemm_panels_avx2, which decodes as it goes
@@ -121,7 +122,7 @@ void run_fused(const Problem& p, GemmBody body, int64_t blocks) {
 
 // Portable prefill: decode a tile of output columns at a time into one reused buffer and multiply
 // it with torch's GEMM into the tile's columns of y.
-void run_tiled(const Problem& p, Dequant body, int64_t blocks, int64_t block_n, const at::Tensor& x,
+void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block_n, const at::Tensor& x,
                const at::Tensor& y) {
   const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
   const int64_t ld = tile_blocks * block_n;
@@ -133,7 +134,7 @@ void run_tiled(const Problem& p, Dequant body, int64_t blocks, int64_t block_n, 
   for (int64_t b0 = 0; b0 < blocks; b0 += tile_blocks) {
     const int64_t b1 = std::min(blocks, b0 + tile_blocks);
     at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
-      body(p, begin, end, 0, p.k, w_ptr + (begin - b0) * block_n, ld);
+      body(p, begin, end, w_ptr + (begin - b0) * block_n, ld);
     });
     const int64_t n0 = b0 * block_n;
     const int64_t cols = std::min(p.n, b1 * block_n) - n0;
@@ -147,9 +148,9 @@ void run_tiled(const Problem& p, Dequant body, int64_t blocks, int64_t block_n, 
 }
 
 // AVX2 prefill: decoded panels through our register-blocked GEMM, threads over blocks, into y
-// padded to whole blocks. On this AMD Zen 3 it runs 1.0-1.4x torch's fp32 GEMM (MKL) from M = 32
-// up, decode included (benchmarks/results/kernels-cpu.md). AVX-512 CPUs keep torch's GEMM, which
-// is twice as wide as this kernel there.
+// padded to whole blocks. On this AMD Zen 3, decode included, it runs 1.27-2.0x torch's fp32 GEMM
+// (MKL) at M = 64 and 1.06-1.32x at M = 256 (benchmarks/results/kernels-cpu.md), 0.96-0.99x at
+// M = 1200-2048. AVX-512 CPUs keep torch's GEMM, which is twice as wide as this kernel there.
 void run_panels(const Problem& p, int64_t blocks, float* y, int64_t ldy) {
   const int64_t grain = p.n * p.k < kParallelWeights ? blocks : 1;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { gemm_panels_avx2(p, begin, end, y, ldy); });
@@ -179,11 +180,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   out_shape.back() = out_features;
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
-  const bool panels = m > max_fused_m && isa == kAvx2;
+  const bool fused = m <= max_fused_m, panels = !fused && isa == kAvx2;
   // The panel GEMM writes whole blocks: its output is padded, then narrowed.
   at::Tensor y = at::empty({m, panels ? blocks * block_n : out_features}, x2.options());
   if (m > 0) {
-    const bool fused = m <= max_fused_m;
     // Only the fused kernel folds the offsets into sums of x; the prefill paths decode them.
     const std::vector<float> x_group_sums = fused ? group_sums(x2.data_ptr<float>(), m, k, group_size)
                                                   : std::vector<float>();
