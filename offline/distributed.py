@@ -4,10 +4,12 @@ DAQ calibrates each layer on full-precision inputs, and the statistics it needs 
 
 - the calibration blocks are split into contiguous shares, one per rank, and every rank walks the
   layers on its own share's hidden states (`share`);
-- per layer, the input second moments are summed along the ranks in order (`chain_moments`: rank r
-  continues rank r-1's running sums over its own blocks), which is exactly the order one process
-  adds them in, so the checkpoint is bit-identical to a single process's; the last rank then sends
-  the sums to all;
+- per layer, the input second moments are summed along the ranks in order (`receive_sums`, then the
+  rank's own blocks, then `pass_on`: rank r continues rank r-1's running sums), which is exactly the
+  order one process adds them in, so the checkpoint is bit-identical to a single process's; the last
+  rank then sends the sums to all (`final_sums`);
+- the chain is pipelined over the layers: rank r feeds layer j forward while rank r-1 already feeds
+  layer j+1 (`lag`), so the ranks' forward passes run at the same time rather than one after another;
 - each group of linears reading one input is quantized by one owner (`owners`: greedy bin packing on
   the work, N K + K^2 per linear), and only the packed results travel, to rank 0 (`gather`), which
   alone writes the checkpoint, the report and the resume store.
@@ -19,9 +21,10 @@ method here is a no-op or the identity.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
-from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,8 +34,6 @@ from daq_vllm.errors import DAQError
 from .moments import SecondMoments
 from .options import QuantizeOptions
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Ranks:
@@ -40,6 +41,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    _sending: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -83,20 +85,37 @@ class Ranks:
             owner[group], load[rank] = rank, load[rank] + work[group]
         return owner
 
-    def chain_moments(self, moments: SecondMoments, accumulate: Callable[[], T]) -> T:
-        """Run `accumulate()` (this rank's forward pass, feeding `moments`) as a link of the chain:
-        start from rank r-1's running sums, hand them on to rank r+1; then every rank holds the
-        last rank's, the sums over all blocks in block order. Returns what `accumulate` returns."""
-        if self.world == 1:
-            return accumulate()
+    @property
+    def lag(self) -> int:
+        """How many layers behind rank 0 the last rank feeds: rank r is r layers behind."""
+        return self.world - 1
+
+    @property
+    def last(self) -> bool:
+        """The rank that completes each layer's sums, and so the one that quantizes it in the step it fed it."""
+        return self.rank == self.world - 1
+
+    def receive_sums(self, moments: SecondMoments) -> None:
+        """Before this rank's blocks pass through a layer: continue rank r-1's running sums of it."""
         if self.rank > 0:
             moments.continue_from(_receive(self.rank - 1))
-        result = accumulate()
-        last = self.world - 1
-        if self.rank < last:
-            _send(moments.running_state(), self.rank + 1)
-        moments.continue_from(_broadcast(moments.running_state() if self.rank == last else None, last))
-        return result
+
+    def pass_on(self, moments: SecondMoments) -> None:
+        """After this rank's blocks passed through a layer: send the running sums on to rank r+1,
+        without waiting for it to take them (it is a layer behind); `wait_sent` ends the sends."""
+        if not self.last:
+            self._sending.extend(_isend(moments.running_state(), self.rank + 1))
+
+    def wait_sent(self) -> None:
+        """Wait until rank r+1 received what `pass_on` sent, and free it."""
+        for work, _ in self._sending:
+            work.wait()
+        self._sending.clear()
+
+    def final_sums(self, moments: SecondMoments) -> None:
+        """Make `moments` (complete on the last rank, empty elsewhere) the sums over all blocks on every rank."""
+        if self.world > 1:
+            moments.continue_from(_broadcast(moments.running_state() if self.last else None, self.world - 1))
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` at the leader (in rank order); None elsewhere."""
@@ -148,17 +167,23 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _send(state: State, dst: int) -> None:
-    dist.send_object_list([_meta(state)], dst=dst)
-    for ts in state[0].values():
-        for t in ts:
-            dist.send(t.contiguous(), dst=dst)
+def _isend(state: State, dst: int) -> list[tuple[dist.Work, torch.Tensor]]:
+    """Start sending `state` to `dst`: its layout (pickled), then its tensors; each send with the
+    tensor it reads, which must live until the send is waited on."""
+    device = _device()
+    meta = torch.frombuffer(bytearray(pickle.dumps(_meta(state))), dtype=torch.uint8).to(device)
+    size = torch.tensor([meta.numel()], dtype=torch.int64, device=device)
+    tensors = [size, meta, *(t.contiguous() for ts in state[0].values() for t in ts)]
+    return [(dist.isend(t, dst=dst), t) for t in tensors]
 
 
 def _receive(src: int) -> State:
-    box: list[Any] = [None]
-    dist.recv_object_list(box, src=src)
-    state = _allocate(box[0], _device())
+    device = _device()
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(size, src=src)
+    meta = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.recv(meta, src=src)
+    state = _allocate(pickle.loads(meta.cpu().numpy().tobytes()), device)
     for ts in state[0].values():
         for t in ts:
             dist.recv(t, src=src)

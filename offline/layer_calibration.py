@@ -4,7 +4,8 @@ With LDRA, calibration blocks flow through the layers one at a time (GPTQ-style)
 loaded, its linears' input statistics are collected while the activations pass through it, and
 the activations move on to the next layer, through the float layer or (`sequential`) through the
 quantized one. Run over several processes, each holds its share of the blocks and the statistics
-are summed along them (`distributed.Ranks`).
+are summed along them (`distributed.Ranks`); a rank hands its activations on as soon as it fed a
+layer, and the linears it quantizes later are loaded again (`weight`).
 """
 
 from __future__ import annotations
@@ -39,16 +40,22 @@ class LayerCalibration:
         self.hidden = self.runner.first_inputs(blocks[ranks.share(len(blocks))])
 
     def collect(self, layer: DecoderLayer, names: list[str]) -> tuple[SecondMoments, torch.Tensor]:
-        """Load `layer` and pass the activations through it: its linears' input statistics, its float outputs."""
+        """Load `layer` and pass the activations through it: its linears' input statistics (this
+        rank's link of the chain, `Ranks.receive_sums`/`pass_on`), its float outputs."""
         materialize(self.source, layer.name, layer.module, self.opts.device)
-        moments = SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
+        moments = self.new_moments()
+        self.ranks.receive_sums(moments)
         moments.attach(layer.module, layer.name, names)
         try:
-            outputs = self.ranks.chain_moments(
-                moments, lambda: self.runner.forward(layer.module, self.hidden, moments.new_pass))
+            outputs = self.runner.forward(layer.module, self.hidden, moments.new_pass)
         finally:
             moments.detach()
+        self.ranks.pass_on(moments)
         return moments, outputs
+
+    def new_moments(self) -> SecondMoments:
+        """An empty accumulator of the statistics the run's rounding needs."""
+        return SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
 
     @staticmethod
     def expert_tokens(moments: SecondMoments, names: list[str]) -> dict[str, int]:
@@ -57,23 +64,34 @@ class LayerCalibration:
         return {n: moments.tokens.get(moments.input_owner(n), 0) for n in names}
 
     def weight(self, layer: DecoderLayer, name: str) -> torch.Tensor:
-        """The float32 weight of linear `name` as `collect` loaded it (no second copy)."""
-        return layer.module.get_submodule(name[len(layer.name) + 1 :]).weight.data
+        """The float32 weight of linear `name`: as `collect` loaded it (no second copy), or loaded
+        again if the layer was handed on already (`advance`)."""
+        local = name[len(layer.name) + 1 :]
+        if layer.module.get_submodule(local).weight.is_meta:
+            set_parameter(layer.module, f"{local}.weight",
+                          self.source.tensor(f"{name}.weight").to(self.opts.device, torch.float32))
+        return layer.module.get_submodule(local).weight.data
+
+    def shape(self, layer: DecoderLayer, name: str) -> torch.Size:
+        """The shape [N, K] of linear `name`'s weight, loaded or not."""
+        return layer.module.get_submodule(name[len(layer.name) + 1 :]).weight.shape
 
     def drop_weight(self, layer: DecoderLayer, name: str) -> None:
         """Free the float weight of linear `name` once quantized: the layer's float outputs are
         computed already, and `advance` loads what it needs again."""
-        set_parameter(layer.module, f"{name[len(layer.name) + 1 :]}.weight",
-                      torch.empty_like(self.weight(layer, name), device="meta"))
+        local = name[len(layer.name) + 1 :]
+        set_parameter(layer.module, f"{local}.weight",
+                      torch.empty_like(layer.module.get_submodule(local).weight, device="meta"))
 
     def advance(
-        self, layer: DecoderLayer, names: list[str], decoded: Decoded, float_outputs: torch.Tensor | None = None
+        self, layer: DecoderLayer, names: list[str], decoded: Decoded | None, float_outputs: torch.Tensor | None = None
     ) -> None:
         """Move the activations past `layer`, then drop its weights.
 
         `float_outputs` are the layer's full-precision outputs when `collect` already computed them
         (its weights are still loaded then); a resumed layer passes None. With `sequential`, the
-        next layer sees this layer's outputs with the weights `decoded` gives for `names` instead.
+        next layer sees this layer's outputs with the weights `decoded` gives for `names` instead
+        (one process only: `check_distributed`).
         """
         if float_outputs is None:
             materialize(self.source, layer.name, layer.module, self.opts.device)

@@ -13,7 +13,10 @@ The model, in bytes (f = 4: everything the quantizer computes with is float32), 
 
     peak(layer) = A + max(W + M + max(F, Q),                  calibration forward, --format auto
                           max over its linears n, in order:   quantizing n
-                              W(n and later) + M(inputs still read) + R(n) + Q(n))
+                              W(n and later) + M(inputs still read) + R(n) + Q(n) [+ M])
+
+where the last M counts in a run over several processes only: a rank other than the last still
+sends one layer's sums on while it quantizes another (`distributed.Ranks.pass_on`).
 
 and the run's peak = the process before the first layer (measured) + what runs before the decoder
 layers (embeddings, float32) + the output shard being filled + the largest layer peak. With
@@ -79,6 +82,7 @@ class MemoryPlan:
     shard: int  # the output shard at its fullest
     largest: LayerMemory
     offload: bool = False  # the calibration activations live on the host (--offload-activations)
+    world: int = 1  # processes of the run (the estimate is per process)
 
     @property
     def on_cuda(self) -> bool:
@@ -131,9 +135,10 @@ def _working(n: int, k: int, copies: int, base: int = WORKING_BASE) -> int:
 
 
 def layer_memory(
-    name: str, module: nn.Module, linears: list[str], opts: QuantizeOptions, hidden: int, heads: int
+    name: str, module: nn.Module, linears: list[str], opts: QuantizeOptions, hidden: int, heads: int, world: int = 1
 ) -> LayerMemory:
-    """The peak of quantizing one decoder layer (`module` on the meta device is enough)."""
+    """The peak of quantizing one decoder layer (`module` on the meta device is enough) in one of
+    `world` processes."""
     shapes = _linear_shapes(module, name, linears)
     params = sum(p.numel() for p in module.parameters()) * F32
     if opts.ldra is None:  # no calibration: the layer's weights and the initializer's working set
@@ -151,13 +156,14 @@ def layer_memory(
     forward = t * (2 * hidden + sum(n for n, _ in shapes.values())) * F32 + heads * t * t * F32
     screen = max(_working(n, k, LDRA_COPIES) for n, k in shapes.values()) if len(candidate_codebooks(opts)) > 1 else 0
     moments = sum(inputs.values())
+    sending = moments if world > 1 else 0
     phases = [(params, moments, max(forward, screen))]
     weights_left, order = params, list(shapes)
     for lin, (n, k) in shapes.items():
         key = _shared_key(lin)
         factor = (2 if readers[key][0] == lin else 1) * k * k * F32 if full else 0
         held = sum(inputs[i] for i, members in readers.items() if order.index(members[-1]) >= order.index(lin))
-        phases.append((weights_left, held + factor, _working(n, k, LDRA_COPIES)))
+        phases.append((weights_left, held + factor + sending, _working(n, k, LDRA_COPIES)))
         weights_left -= n * k * F32
     w, m, q = max(phases, key=sum)
     return LayerMemory(name, activations + w + m + q, w, activations, m, q)
@@ -218,13 +224,15 @@ def _outside_bytes(source: ModelSource, targets: Targets) -> int:
                if not n.startswith(list_name + ".") and id(p) not in head_params)
 
 
-def plan_memory(source: ModelSource, targets: Targets, opts: QuantizeOptions, process: int | None = None) -> MemoryPlan:
-    """The estimate for quantizing `targets` of `source` with `opts`; `process`: the bytes the
-    process holds now (measured when None)."""
+def plan_memory(
+    source: ModelSource, targets: Targets, opts: QuantizeOptions, process: int | None = None, world: int = 1
+) -> MemoryPlan:
+    """The estimate for quantizing `targets` of `source` with `opts`, per process of `world`;
+    `process`: the bytes the process holds now (measured when None)."""
     text = source.config.get_text_config()
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    layers = [layer_memory(lay.name, lay.module, names, opts, hidden, heads)
+    layers = [layer_memory(lay.name, lay.module, names, opts, hidden, heads, world)
               for lay, names in zip(targets.layers, targets.linears)]
     for name, tensor_name in targets.head.items():
         n, k = source.skeleton.get_submodule(name).weight.shape
@@ -234,7 +242,7 @@ def plan_memory(source: ModelSource, targets: Targets, opts: QuantizeOptions, pr
     outside = _outside_bytes(source, targets) if opts.ldra is not None else 0
     shard = min(opts.max_shard_bytes, _output_bytes(source, targets, opts))
     process = anonymous_rss() if process is None else process
-    return MemoryPlan(opts.device, process, outside, shard, largest, opts.offload_activations)
+    return MemoryPlan(opts.device, process, outside, shard, largest, opts.offload_activations, world)
 
 
 def device_budget(opts: QuantizeOptions) -> tuple[int, str]:
@@ -255,7 +263,7 @@ def check_memory(source: ModelSource, targets: Targets, opts: QuantizeOptions, p
         return
     fits = []
     for flag, alt in _alternatives(opts):
-        alt_plan = plan_memory(source, targets, alt, plan.process)
+        alt_plan = plan_memory(source, targets, alt, plan.process, plan.world)
         if alt_plan.device_peak <= budget:
             fits.append(f"{flag} ({gib(alt_plan.device_peak)})")
     advice = f"it fits with {' or '.join(fits)}" if fits else "no option of quantize fits it; use a larger machine"

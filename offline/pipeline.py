@@ -141,32 +141,93 @@ class LinearQuantizer:
                                tensors[f"{name}.{OFFSETS}"], in_features, self.codebooks[reports[name].format])
 
 
-def _layer_step(
-    i: int, layer: DecoderLayer, names: list[str], quantizer: LinearQuantizer,
-    calibration: LayerCalibration | None, store: ResumeStore | None, ranks: Ranks,
-) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
-    """One decoder layer: its saved result on --resume, else (calibrate and) quantize its linears `names`.
+def _layer_results(
+    targets: Targets, quantizer: LinearQuantizer, calibration: LayerCalibration | None, store: ResumeStore | None,
+    ranks: Ranks,
+) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, LinearReport]]]:
+    """Each decoder layer's checkpoint tensors and reports, in order (on the leader; empty elsewhere).
 
-    Over several processes, each quantizes the linears it owns and the leader (the only one with a
-    `store`) gets every result; the others return empty dicts.
+    In step s, rank r feeds layer s - r forward (`_feed`: its link of the statistics chain), then
+    every rank quantizes layer s - lag, whose statistics the last rank has just completed
+    (`_finish`). With one process both are layer s.
     """
-    saved = store.load(i) if store is not None else None
-    if ranks.from_leader(saved is not None):
-        tensors, entries = saved if saved is not None else ({}, {})
+    saved = ranks.from_leader(store.saved_layers() if store is not None else set())
+    n, lag = len(targets.layers), ranks.lag
+    held: dict[int, _Fed] = {}
+    for step in range(n + lag):
+        j = step - ranks.rank
+        if calibration is not None and 0 <= j < n:
+            fed = _feed(targets.layers[j], targets.linears[j], calibration, j in saved)
+            if ranks.last:
+                held[j] = fed
+        k = step - lag
+        if 0 <= k < n:
+            yield k, *_finish(k, targets.layers[k], targets.linears[k], quantizer, calibration, store, ranks,
+                              k in saved, held.pop(k, None))
+        ranks.wait_sent()
+
+
+@dataclass
+class _Fed:
+    """What feeding a layer leaves for quantizing it in the same step (on the last rank): its
+    statistics (None for a saved layer) and float outputs, its weights still loaded."""
+
+    moments: SecondMoments | None
+    outputs: torch.Tensor | None
+
+
+def _feed(layer: DecoderLayer, names: list[str], calibration: LayerCalibration, saved: bool) -> _Fed:
+    """This rank's blocks through `layer`: its statistics (unless the layer is saved) and outputs.
+
+    The last rank keeps the layer for `_finish` in the same step; the others hand their activations
+    on at once and reload the linears they own once the layer's statistics are complete.
+    """
+    moments, outputs = calibration.collect(layer, names) if not saved else (None, None)
+    if not calibration.ranks.last:
+        calibration.advance(layer, names, None, outputs)
+    return _Fed(moments, outputs)
+
+
+def _finish(
+    i: int, layer: DecoderLayer, names: list[str], quantizer: LinearQuantizer, calibration: LayerCalibration | None,
+    store: ResumeStore | None, ranks: Ranks, saved: bool, fed: _Fed | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
+    """Decoder layer i: its saved result on --resume, else quantize its linears `names`; then the
+    last rank moves its activations past the layer and the leader saves the result for --resume.
+
+    Over several processes the leader (the only one with a `store`) gets every result; the others
+    return empty dicts.
+    """
+    if saved:
+        loaded = store.load(i) if store is not None else None
+        tensors, entries = loaded or ({}, {})
         reports = {n: LinearReport.from_dict(e) for n, e in entries.items()}
-        if calibration is not None:
-            calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports))
-        return tensors, reports
+    else:
+        tensors, reports = _quantize_layer(layer, names, quantizer, calibration, ranks, fed)
+    if calibration is not None and ranks.last:
+        calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports), fed.outputs if fed else None)
+    if store is not None and not saved:
+        store.save(i, tensors, {n: r.to_dict() for n, r in reports.items()})
+    return tensors, reports
+
+
+def _quantize_layer(
+    layer: DecoderLayer, names: list[str], quantizer: LinearQuantizer, calibration: LayerCalibration | None,
+    ranks: Ranks, fed: _Fed | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
+    """Quantize the linears of `names` this rank owns, against the layer's statistics summed over
+    every rank (`Ranks.final_sums`); the leader returns every rank's tensors and reports."""
     if calibration is not None:
-        moments, outputs = calibration.collect(layer, names)
-        mine = _owned(names, moments, {n: calibration.weight(layer, n).shape for n in names}, ranks)
+        moments = fed.moments if fed is not None and fed.moments is not None else calibration.new_moments()
+        ranks.final_sums(moments)
+        mine = _owned(names, moments, {n: calibration.shape(layer, n) for n in names}, ranks)
         weights = {n: _checked(f"{n}.weight", calibration.weight(layer, n)) for n in mine}
         for n in names:
             if n not in weights:
                 moments.done(n)
                 calibration.drop_weight(layer, n)
     else:
-        moments = outputs = None
+        moments = None
         weights = {n: quantizer.weight(f"{n}.weight") for n in names}
     experts = [n for n in weights if n in quantizer.shared]
     tokens = calibration.expert_tokens(moments, experts) if calibration is not None else {}
@@ -183,12 +244,7 @@ def _layer_step(
     results = {n: r for part in gathered for n, r in part.items()} if gathered is not None else {}
     results = {n: results[n] for n in names if n in results}
     tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
-    reports = {n: r.report for n, r in results.items()}
-    if calibration is not None:
-        calibration.advance(layer, names, partial(quantizer.decoded, tensors, reports), outputs)
-    if store is not None:
-        store.save(i, tensors, {n: r.to_dict() for n, r in reports.items()})
-    return tensors, reports
+    return tensors, {n: r.report for n, r in results.items()}
 
 
 def _owned(names: list[str], moments: SecondMoments, shapes: dict[str, torch.Size], ranks: Ranks) -> list[str]:
@@ -212,8 +268,7 @@ def _quantize_targets(
     shown = progress and ranks.leader
     bar = tqdm(total=n_layers + bool(targets.head), desc="quantize", unit="layer", disable=not shown, file=sys.stderr)
     with bar:
-        for i, (layer, names) in enumerate(zip(targets.layers, targets.linears)):
-            tensors, reports = _layer_step(i, layer, names, quantizer, calibration, store, ranks)
+        for i, tensors, reports in _layer_results(targets, quantizer, calibration, store, ranks):
             if not ranks.leader:
                 continue
             _add_all(writer, tensors, quantizer.source)
@@ -297,7 +352,8 @@ def _quantize(model_path: str, out: Path, opts: QuantizeOptions, ranks: Ranks) -
     targets = plan_targets(source, opts)
     quantizer = LinearQuantizer(source, opts, targets.expert_groups)
     share = ranks.share(opts.calib.nsamples) if opts.ldra is not None else slice(0, opts.calib.nsamples)
-    plan = plan_memory(source, targets, replace(opts, calib=replace(opts.calib, nsamples=share.stop - share.start)))
+    plan = plan_memory(source, targets, replace(opts, calib=replace(opts.calib, nsamples=share.stop - share.start)),
+                       world=ranks.world)
     if ranks.leader:
         print(plan.summary() + (f" per process, {ranks.world} processes" if ranks.world > 1 else ""), file=sys.stderr)
     check_memory(source, targets, opts, plan)

@@ -66,7 +66,11 @@ class ResumeStore:
         return self.directory / f"layer-{layer:05d}.safetensors"
 
     def finished(self) -> int:
-        return len(list(self.directory.glob("layer-*.safetensors")))
+        return len(self.saved_layers())
+
+    def saved_layers(self) -> set[int]:
+        """The indices of the finished layers."""
+        return {int(p.stem.removeprefix("layer-")) for p in self.directory.glob("layer-*.safetensors")}
 
     def load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]] | None:
         """The saved tensors and per-linear report entries of `layer`, or None if it is not finished."""

@@ -46,13 +46,14 @@ def one_process(tiny_llama, tmp_path_factory):
     return root / "q", calib
 
 
-def test_two_processes_write_the_bytes_of_one(tiny_llama, one_process, tmp_path):
+@pytest.mark.parametrize("nproc", [2, 3])  # 3: a middle rank both receives and passes the sums on
+def test_several_processes_write_the_bytes_of_one(tiny_llama, one_process, tmp_path, nproc):
     single, calib = one_process
-    proc = quantize(*args(tiny_llama, tmp_path / "two", calib, "--nproc", "2"), env=dict(os.environ))
+    proc = quantize(*args(tiny_llama, tmp_path / "many", calib, "--nproc", str(nproc)), env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 processes" in proc.stderr and "torch/distributed" not in proc.stderr
-    assert proc.stdout.count("wrote ") == 1  # rank 0 reports, rank 1 stays quiet
-    assert_same_checkpoint(single, tmp_path / "two")
+    assert f"{nproc} processes" in proc.stderr and "torch/distributed" not in proc.stderr
+    assert proc.stdout.count("wrote ") == 1  # rank 0 reports, the others stay quiet
+    assert_same_checkpoint(single, tmp_path / "many")
 
 
 KILLER = textwrap.dedent("""
@@ -62,16 +63,16 @@ KILLER = textwrap.dedent("""
     from daq_vllm.offline import pipeline
 
     out = Path(sys.argv[sys.argv.index("--out") + 1])
-    real = pipeline._layer_step
+    real = pipeline._feed
 
-    def layer_step(i, *a, **k):
-        if i == 1 and os.environ["RANK"] == "1":  # once rank 0 has saved layer 0, rank 1 dies
+    def feed(layer, *a, **k):
+        if layer.name.endswith(".1") and os.environ["RANK"] == "1":  # once rank 0 has saved layer 0, rank 1 dies
             while not (out.parent / f".{out.name}.resume" / "layer-00000.safetensors").exists():
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(i, *a, **k)
+        return real(layer, *a, **k)
 
-    pipeline._layer_step = layer_step
+    pipeline._feed = feed
     sys.exit(cli.main(sys.argv[1:]))
 """)
 

@@ -88,6 +88,9 @@ def test_a_70b_shaped_layer_with_gptq_needs_at_most_twice_nearest():
     gptq, nearest = (layer_memory("l", layer, names, recipe_options("daq", r), 8192, 64) for r in ("gptq", "nearest"))
     assert gptq.moments >= 2 * 28672**2 * 4  # the down_proj input's moment and its factor are counted
     assert gptq.peak <= 2 * nearest.peak
+    # a rank of a distributed run also holds the sums it sends on: every input's K^2 floats once more
+    sent = layer_memory("l", layer, names, recipe_options("daq", "gptq"), 8192, 64, world=2)
+    assert sent.peak - gptq.peak == (3 * 8192**2 + 28672**2) * 4
 
 
 class _Float64Watch(TorchDispatchMode):
