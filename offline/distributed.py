@@ -7,7 +7,8 @@ DAQ calibrates each layer on full-precision inputs, and the statistics it needs 
 - per layer, the input second moments are summed along the ranks in order (`receive_sums`, then the
   rank's own blocks, then `pass_on`: rank r continues rank r-1's running sums), which is exactly the
   order one process adds them in, so the checkpoint is bit-identical to a single process's; the last
-  rank then sends the sums to all (`final_sums`);
+  rank then tells every rank the token counts and which linears share an input, and sends each
+  input's sums to the one rank that quantizes its readers (`final_sums`);
 - the chain is pipelined over the layers: rank r feeds layer j forward while rank r-1 already feeds
   layer j+1 (`lag`), so the ranks' forward passes run at the same time rather than one after another;
 - each group of linears reading one input is quantized by one owner (`owners`: greedy bin packing on
@@ -24,7 +25,7 @@ import os
 import pickle
 import signal
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -112,10 +113,33 @@ class Ranks:
             work.wait()
         self._sending.clear()
 
-    def final_sums(self, moments: SecondMoments) -> None:
-        """Make `moments` (complete on the last rank, empty elsewhere) the sums over all blocks on every rank."""
-        if self.world > 1:
-            moments.continue_from(_broadcast(moments.running_state() if self.last else None, self.world - 1))
+    def final_sums(self, moments: SecondMoments, owners: Callable[[SecondMoments], dict[str, int]]) -> dict[str, int]:
+        """Hand a layer's complete sums (in `moments` on the last rank) to the ranks that use them.
+
+        Every rank learns the token counts and shared inputs, then `owners(moments)`, the rank that
+        quantizes the readers of each input; each input's sums go from the last rank to its owner,
+        and every rank keeps only the sums of the inputs it owns. Returns the owners.
+        """
+        if self.world == 1:
+            return owners(moments)
+        last = self.world - 1
+        box = [_meta(moments.running_state()) if self.last else None]
+        dist.broadcast_object_list(box, src=last)
+        shapes, tokens, alias = box[0]
+        if not self.last:
+            moments.continue_from(({}, tokens, alias))
+        owner = owners(moments)
+        for key, layout in shapes.items():  # the last rank's order, on every rank
+            if owner[key] == last:
+                continue
+            if self.last:
+                for t in moments.sums.pop(key):
+                    dist.send(t.contiguous(), dst=owner[key])
+            elif owner[key] == self.rank:
+                moments.sums[key] = [torch.empty(s, dtype=d, device=_device()) for s, d in layout]
+                for t in moments.sums[key]:
+                    dist.recv(t, src=last)
+        return owner
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` at the leader (in rank order); None elsewhere."""
@@ -187,15 +211,4 @@ def _receive(src: int) -> State:
     for ts in state[0].values():
         for t in ts:
             dist.recv(t, src=src)
-    return state
-
-
-def _broadcast(state: State | None, src: int) -> State:
-    box: list[Any] = [_meta(state) if state is not None else None]
-    dist.broadcast_object_list(box, src=src)
-    if state is None:
-        state = _allocate(box[0], _device())
-    for ts in state[0].values():
-        for t in ts:
-            dist.broadcast(t, src=src)
     return state

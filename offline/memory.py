@@ -16,7 +16,8 @@ The model, in bytes (f = 4: everything the quantizer computes with is float32), 
                               W(n and later) + M(inputs still read) + R(n) + Q(n) [+ M])
 
 where the last M counts in a run over several processes only: a rank other than the last still
-sends one layer's sums on while it quantizes another (`distributed.Ranks.pass_on`).
+sends one layer's running sums on while it quantizes another (`distributed.Ranks.pass_on`). A rank
+holds the complete sums of the inputs it owns only, so this errs high there too.
 
 and the run's peak = the process before the first layer (measured) + what runs before the decoder
 layers (embeddings, float32) + the output shard being filled + the largest layer peak. With

@@ -216,11 +216,13 @@ def _quantize_layer(
     ranks: Ranks, fed: _Fed | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
     """Quantize the linears of `names` this rank owns, against the layer's statistics summed over
-    every rank (`Ranks.final_sums`); the leader returns every rank's tensors and reports."""
+    every rank, which `Ranks.final_sums` hands to their owners; the leader returns every rank's
+    tensors and reports."""
     if calibration is not None:
         moments = fed.moments if fed is not None and fed.moments is not None else calibration.new_moments()
-        ranks.final_sums(moments)
-        mine = _owned(names, moments, {n: calibration.shape(layer, n) for n in names}, ranks)
+        shapes = {n: calibration.shape(layer, n) for n in names}
+        owner = ranks.final_sums(moments, partial(_owners, names, shapes=shapes, ranks=ranks, shared=quantizer.shared))
+        mine = [n for n in names if owner[moments.input_owner(n)] == ranks.rank]
         weights = {n: _checked(f"{n}.weight", calibration.weight(layer, n)) for n in mine}
         for n in names:
             if n not in weights:
@@ -247,14 +249,28 @@ def _quantize_layer(
     return tensors, {n: r.report for n, r in results.items()}
 
 
-def _owned(names: list[str], moments: SecondMoments, shapes: dict[str, torch.Size], ranks: Ranks) -> list[str]:
-    """The linears of `names` this rank quantizes: whole groups reading one input (they choose one
-    codebook together), balanced over the ranks by work."""
+def _owners(
+    names: list[str], moments: SecondMoments, shapes: dict[str, torch.Size], ranks: Ranks, shared: dict[str, str]
+) -> dict[str, int]:
+    """The rank that quantizes the readers of each input. Linears that read one input, or share a
+    codebook (`shared`: a MoE layer's experts), go to one rank together, since they choose their
+    codebook together (`auto_format.choose_codebooks`); the groups are balanced by work."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for n in names:
+        for link in (moments.input_owner(n), f"codebook {shared[n]}" if n in shared else None):
+            if link is not None and root(link) != root(n):
+                parent[root(link)] = root(n)
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(moments.input_owner(n), []).append(n)
+        groups.setdefault(root(n), []).append(n)
     owner = ranks.owners({g: [tuple(shapes[n]) for n in members] for g, members in groups.items()})
-    return [n for n in names if owner[moments.input_owner(n)] == ranks.rank]
+    return {moments.input_owner(n): owner[root(n)] for n in names}
 
 
 def _quantize_targets(

@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 from test_ldra import calib_file
 
 from daq_vllm import cli
+from daq_vllm.offline import pipeline
 from daq_vllm.offline.distributed import Ranks
+from daq_vllm.offline.moments import SecondMoments
+from helpers import make_tiny_model
 
 # Bit-identity holds for the same threads per process: matmuls may sum in another order with more.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,6 +57,18 @@ def test_several_processes_write_the_bytes_of_one(tiny_llama, one_process, tmp_p
     assert f"{nproc} processes" in proc.stderr and "torch/distributed" not in proc.stderr
     assert proc.stdout.count("wrote ") == 1  # rank 0 reports, the others stay quiet
     assert_same_checkpoint(single, tmp_path / "many")
+
+
+def test_experts_sharing_a_codebook_go_to_one_rank(tmp_path):
+    """A MoE layer's experts choose one codebook together (--format auto) and, with every expert fed
+    every token, the shared expert reads their input: each such group is quantized by one rank."""
+    src = make_tiny_model(tmp_path / "qwen2_moe", arch="qwen2_moe")
+    calib = calib_file(tmp_path)
+    extra = ("--format", "auto", "--moe-calibration", "all")
+    one = quantize(*args(src, tmp_path / "one", calib, *extra))
+    two = quantize(*args(src, tmp_path / "two", calib, *extra, "--nproc", "2"), env=dict(os.environ))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 
 KILLER = textwrap.dedent("""
@@ -117,6 +132,18 @@ def test_owners_take_whole_input_groups_largest_work_first():
     assert max(loads) - min(loads) <= max(work.values())
     assert Ranks(1, 2).owners(groups) == owner  # every rank computes the same plan
     assert Ranks(0, 2).share(7) == slice(0, 3) and Ranks(1, 2).share(7) == slice(3, 7)
+
+
+def test_linears_choosing_a_codebook_together_have_one_owner():
+    names = [f"e{e}.{p}" for e in range(4) for p in ("w1", "w3", "w2")] + ["shared.up", "shared.down"]
+    moments = SecondMoments(16)
+    moments.alias = {f"e{e}.w3": f"e{e}.w1" for e in range(4)}  # an expert's w1 and w3 read one input
+    codebook = {f"e{e}.{p}": "gate_up" if p != "w2" else "down" for e in range(4) for p in ("w1", "w3", "w2")}
+    shapes = {n: (32, 16) if n.endswith(("w1", "w3", "up")) else (16, 48) for n in names}
+    owner = pipeline._owners(names, moments, shapes, Ranks(0, 2), codebook)
+    assert set(owner) == {moments.input_owner(n) for n in names}
+    assert len({owner[f"e{e}.w1"] for e in range(4)}) == 1 and len({owner[f"e{e}.w2"] for e in range(4)}) == 1
+    assert set(owner.values()) == {0, 1}
 
 
 def test_an_error_every_rank_meets_is_one_line(tmp_path):
