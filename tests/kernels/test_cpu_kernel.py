@@ -20,7 +20,7 @@ from daq_vllm.kernels.cpu_build import CpuKernelUnavailable, ensure_loaded
 from daq_vllm.kernels.cpu_linear import BLOCK_N, ISAS, ORDERS, CpuKernel, best_isa, repack
 
 # (N, K, group): N not a multiple of any block, K with a partial last group, every group size, and
-# groups that end inside and past the AVX2 prefill's 128-row panels.
+# groups that end inside the AVX2 prefill's 256-row panels or with its last, partial panel.
 SHAPES = [(200, 1000, 64), (48, 96, 32), (24, 300, 128), (33, 64, 64), (40, 600, 256)]
 ROWS = [1, 2, 3, 11, 16, 64]  # every remainder of the 6-row tiles of the AVX2 prefill
 
