@@ -42,6 +42,9 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    # The chain's own process group: a send still pending on it (taken a step later) cannot hold up
+    # the transfers of `final_sums` behind it, as it would on one NCCL stream per pair of ranks.
+    chain: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
     _sending: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
@@ -63,7 +66,7 @@ class Ranks:
         # torchrun stops the others with SIGTERM when one rank fails: unwind, so the leader's
         # temporary output is removed and its finished layers stay for --resume.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), dist.new_group())
 
     def stop(self) -> None:
         if self.world > 1 and dist.is_initialized():
@@ -99,13 +102,13 @@ class Ranks:
     def receive_sums(self, moments: SecondMoments) -> None:
         """Before this rank's blocks pass through a layer: continue rank r-1's running sums of it."""
         if self.rank > 0:
-            moments.continue_from(_receive(self.rank - 1))
+            moments.continue_from(_receive(self.rank - 1, self.chain))
 
     def pass_on(self, moments: SecondMoments) -> None:
         """After this rank's blocks passed through a layer: send the running sums on to rank r+1,
         without waiting for it to take them (it is a layer behind); `wait_sent` ends the sends."""
         if not self.last:
-            self._sending.extend(_isend(moments.running_state(), self.rank + 1))
+            self._sending.extend(_isend(moments.running_state(), self.rank + 1, self.chain))
 
     def wait_sent(self) -> None:
         """Wait until rank r+1 received what `pass_on` sent, and free it."""
@@ -191,24 +194,24 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _isend(state: State, dst: int) -> list[tuple[dist.Work, torch.Tensor]]:
+def _isend(state: State, dst: int, group: dist.ProcessGroup | None) -> list[tuple[dist.Work, torch.Tensor]]:
     """Start sending `state` to `dst`: its layout (pickled), then its tensors; each send with the
     tensor it reads, which must live until the send is waited on."""
     device = _device()
     meta = torch.frombuffer(bytearray(pickle.dumps(_meta(state))), dtype=torch.uint8).to(device)
     size = torch.tensor([meta.numel()], dtype=torch.int64, device=device)
     tensors = [size, meta, *(t.contiguous() for ts in state[0].values() for t in ts)]
-    return [(dist.isend(t, dst=dst), t) for t in tensors]
+    return [(dist.isend(t, dst=dst, group=group), t) for t in tensors]
 
 
-def _receive(src: int) -> State:
+def _receive(src: int, group: dist.ProcessGroup | None) -> State:
     device = _device()
     size = torch.empty(1, dtype=torch.int64, device=device)
-    dist.recv(size, src=src)
+    dist.recv(size, src=src, group=group)
     meta = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.recv(meta, src=src)
+    dist.recv(meta, src=src, group=group)
     state = _allocate(pickle.loads(meta.cpu().numpy().tobytes()), device)
     for ts in state[0].values():
         for t in ts:
-            dist.recv(t, src=src)
+            dist.recv(t, src=src, group=group)
     return state
