@@ -11,9 +11,9 @@ DAQ calibrates each layer on full-precision inputs, and the statistics it needs 
   input's sums to the one rank that quantizes its readers (`final_sums`);
 - the chain is pipelined over the layers: rank r feeds layer j forward while rank r-1 already feeds
   layer j+1 (`lag`), so the ranks' forward passes run at the same time rather than one after another;
-- each group of linears reading one input is quantized by one owner (`owners`: greedy bin packing on
-  the work, N K + K^2 per linear), and only the packed results travel, to rank 0 (`gather`), which
-  alone writes the checkpoint, the report and the resume store.
+- each group of linears that read one input or share a codebook is quantized by one owner
+  (`owners`: greedy bin packing on the work, N K + K^2 per linear), and only the packed results
+  travel, to rank 0 (`gather`), which alone writes the checkpoint, the report and the resume store.
 
 Without `torchrun` (no WORLD_SIZE in the environment) `Ranks` is the single process, and every
 method here is a no-op or the identity.
