@@ -66,7 +66,7 @@ class LayerCalibration:
     def weight(self, layer: DecoderLayer, name: str) -> torch.Tensor:
         """The float32 weight of linear `name`: as `collect` loaded it (no second copy), or loaded
         again if the layer was handed on already (`advance`)."""
-        local = name[len(layer.name) + 1 :]
+        local = _local(layer, name)
         if layer.module.get_submodule(local).weight.is_meta:
             set_parameter(layer.module, f"{local}.weight",
                           self.source.tensor(f"{name}.weight").to(self.opts.device, torch.float32))
@@ -74,14 +74,13 @@ class LayerCalibration:
 
     def shape(self, layer: DecoderLayer, name: str) -> torch.Size:
         """The shape [N, K] of linear `name`'s weight, loaded or not."""
-        return layer.module.get_submodule(name[len(layer.name) + 1 :]).weight.shape
+        return layer.module.get_submodule(_local(layer, name)).weight.shape
 
     def drop_weight(self, layer: DecoderLayer, name: str) -> None:
         """Free the float weight of linear `name` once quantized: the layer's float outputs are
         computed already, and `advance` loads what it needs again."""
-        local = name[len(layer.name) + 1 :]
-        set_parameter(layer.module, f"{local}.weight",
-                      torch.empty_like(layer.module.get_submodule(local).weight, device="meta"))
+        set_parameter(layer.module, f"{_local(layer, name)}.weight",
+                      torch.empty_like(layer.module.get_submodule(_local(layer, name)).weight, device="meta"))
 
     def advance(
         self, layer: DecoderLayer, names: list[str], decoded: Decoded | None, float_outputs: torch.Tensor | None = None
@@ -97,11 +96,14 @@ class LayerCalibration:
             materialize(self.source, layer.name, layer.module, self.opts.device)
         if self.opts.sequential:
             for name in names:
-                local = name[len(layer.name) + 1 :]
-                in_features = layer.module.get_submodule(local).weight.shape[1]
-                set_parameter(layer.module, f"{local}.weight", decoded(name, in_features))
+                set_parameter(layer.module, f"{_local(layer, name)}.weight", decoded(name, self.shape(layer, name)[1]))
             outputs = self.runner.forward(layer.module, self.hidden)
         else:
             outputs = float_outputs if float_outputs is not None else self.runner.forward(layer.module, self.hidden)
         release(layer.module)
         self.hidden = outputs
+
+
+def _local(layer: DecoderLayer, name: str) -> str:
+    """The name of linear `name` (a full name) inside its decoder layer's module."""
+    return name[len(layer.name) + 1 :]

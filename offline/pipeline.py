@@ -153,17 +153,13 @@ def _layer_results(
     """
     saved = ranks.from_leader(store.saved_layers() if store is not None else set())
     n, lag = len(targets.layers), ranks.lag
-    held: dict[int, _Fed] = {}
     for step in range(n + lag):
-        j = step - ranks.rank
-        if calibration is not None and 0 <= j < n:
-            fed = _feed(targets.layers[j], targets.linears[j], calibration, j in saved)
-            if ranks.last:
-                held[j] = fed
-        k = step - lag
+        j, k = step - ranks.rank, step - lag  # on the last rank j == k: it quantizes what it just fed
+        fed = (_feed(targets.layers[j], targets.linears[j], calibration, j in saved)
+               if calibration is not None and 0 <= j < n else None)
         if 0 <= k < n:
             yield k, *_finish(k, targets.layers[k], targets.linears[k], quantizer, calibration, store, ranks,
-                              k in saved, held.pop(k, None))
+                              k in saved, fed if ranks.last else None)
         ranks.wait_sent()
 
 

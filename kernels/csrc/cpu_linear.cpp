@@ -148,9 +148,9 @@ void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block
 }
 
 // AVX2 prefill: decoded panels through our register-blocked GEMM, threads over blocks, into y
-// padded to whole blocks. On this AMD Zen 3, decode included, it runs 1.27-2.0x torch's fp32 GEMM
-// (MKL) at M = 64 and 1.06-1.32x at M = 256 (benchmarks/results/kernels-cpu.md), 0.96-0.99x at
-// M = 1200-2048. AVX-512 CPUs keep torch's GEMM, which is twice as wide as this kernel there.
+// padded to whole blocks. On this AMD Zen 3, decode included, it runs 1.45-2.0x torch's fp32 GEMM
+// (MKL) at M = 64 and 1.14-1.34x at M = 256 (benchmarks/results/kernels-cpu.md), 0.97-1.0x on
+// SmolLM2's shapes at M = 2048. AVX-512 CPUs keep torch's GEMM, which is twice as wide as this kernel there.
 void run_panels(const Problem& p, int64_t blocks, float* y, int64_t ldy) {
   const int64_t grain = p.n * p.k < kParallelWeights ? blocks : 1;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { gemm_panels_avx2(p, begin, end, y, ldy); });
