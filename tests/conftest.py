@@ -29,6 +29,16 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_cpu_kernel() -> None:
+    """Load the C++ CPU kernel, or skip (fail in CI) naming why it cannot be built here."""
+    from daq_vllm.kernels.cpu_build import CpuKernelUnavailable, ensure_loaded
+
+    try:
+        ensure_loaded()
+    except CpuKernelUnavailable as e:
+        require(False, f"the DAQ CPU kernel cannot be built here: {e}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernel_built() -> None:
     """Build the C++ CPU kernel once, first: a test's subprocess then loads it from the cache instead

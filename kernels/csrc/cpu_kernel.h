@@ -42,6 +42,19 @@ void dequant_avx512(const Problem& p, int64_t block_begin, int64_t block_end, fl
 // with a register-blocked kernel.
 void gemm_panels_avx2(const Problem& p, int64_t block_begin, int64_t block_end, float* y, int64_t ldy);
 
+// `torch.ops.daq_cpu.bf16_linear`'s data: y = x @ W^T for an unquantized bfloat16 weight W [N, K].
+// `xp` holds the activations in fp32, each run of 16 reordered as its 8 even then its 8 odd
+// elements (the order in which cpu_bf16_avx2.cpp widens a row of W), zero-padded to `kp` columns.
+struct Bf16Problem {
+  const float* xp;    // [M, kp]
+  const uint16_t* w;  // [N, K] bfloat16 bits
+  float* y;           // [M, N]
+  int64_t m, n, k, kp;
+};
+
+// y[:, n_begin:n_end] for all M rows; AVX2 + FMA only.
+void bf16_gemm_avx2(const Bf16Problem& p, int64_t n_begin, int64_t n_end);
+
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 

@@ -54,10 +54,11 @@ def quant_methods(model) -> dict[str, str]:
 def test_linears_use_the_daq_method_except_modules_not_converted(engine):
     found = engine.apply_model(quant_methods)[0]
     assert found["model.layers.0.self_attn.qkv_proj"] == "DAQLinearMethod"
-    assert found["model.layers.1.self_attn.qkv_proj"] == "UnquantizedLinearMethod"  # fused from 3 skipped parts
-    assert found["model.layers.0.mlp.down_proj"] == "UnquantizedLinearMethod"
+    assert found["model.layers.1.self_attn.qkv_proj"] == "DAQFullPrecisionLinearMethod"  # fused from 3 skipped parts
+    assert found["model.layers.0.mlp.down_proj"] == "DAQFullPrecisionLinearMethod"
     assert found["model.layers.1.mlp.down_proj"] == "DAQLinearMethod"
     assert found["model.layers.1.mlp.gate_up_proj"] == "DAQLinearMethod"
+    assert found["lm_head"] == "DAQLMHeadMethod"  # full precision: vLLM's method, or bf16_linear in bfloat16
 
 
 def kernels_used(model) -> dict[str, tuple[str, int, int]]:

@@ -11,12 +11,11 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REQUIRE_ALL, require
+from conftest import REQUIRE_ALL, require_cpu_kernel
 from daq_vllm.errors import DAQError
 from daq_vllm.format import DAQFormat, num_groups
 from daq_vllm.format.codebooks import CODEBOOKS
 from daq_vllm.kernels import LinearSpec, choose_kernel, dequantize, pack_codes
-from daq_vllm.kernels.cpu_build import CpuKernelUnavailable, ensure_loaded
 from daq_vllm.kernels.cpu_linear import BLOCK_N, ISAS, ORDERS, CpuKernel, best_isa, repack
 
 # (N, K, group): N not a multiple of any block, K with a partial last group, every group size, and
@@ -27,10 +26,7 @@ ROWS = [1, 2, 3, 11, 16, 64]  # every remainder of the 6-row tiles of the AVX2 p
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    try:
-        ensure_loaded()
-    except CpuKernelUnavailable as e:
-        require(False, f"the DAQ CPU kernel cannot be built here: {e}")
+    require_cpu_kernel()
 
 
 @pytest.fixture(params=list(ISAS))

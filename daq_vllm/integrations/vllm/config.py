@@ -136,6 +136,7 @@ class DAQConfig(QuantizationConfig):
         # Here, not at the top: the plugin registers early in every vLLM process, and vLLM's MoE
         # package pulls in much of vLLM (its own resolve_quant_method imports it the same way).
         from vllm.model_executor.layers.fused_moe import GateLinear, RoutedExperts, UnquantizedFusedMoEMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
         if isinstance(layer, RoutedExperts):
             formats = self.experts_formats(prefix, layer.moe_config.num_logical_experts, layer.ckpt_gate_proj_name,
@@ -145,11 +146,17 @@ class DAQConfig(QuantizationConfig):
             from .moe import DAQMoEMethod
 
             return DAQMoEMethod(layer.moe_config, *formats, prefix)
+        if isinstance(layer, ParallelLMHead):  # DAQ checkpoints keep it in full precision
+            from .full_precision import DAQLMHeadMethod
+
+            return DAQLMHeadMethod()
         if isinstance(layer, GateLinear):  # a MoE router: DAQ checkpoints keep routers in full precision
             return UnquantizedLinearMethod()
         if isinstance(layer, LinearBase):
             if self.is_skipped(prefix):
-                return UnquantizedLinearMethod()
+                from .full_precision import DAQFullPrecisionLinearMethod
+
+                return DAQFullPrecisionLinearMethod()
             from .linear import DAQLinearMethod
 
             return DAQLinearMethod(self, prefix)
