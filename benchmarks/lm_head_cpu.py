@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common import RESULTS, contention_line, cpu_info, cpu_line, cpu_seconds, others_busy, write_results
 from kernel_bench_cpu import copies_for, cycling, last_level_cache_bytes, median_s, rel_err
 
-from daq_vllm.kernels.cpu_bf16 import bf16_linear, unavailable
+from daq_vllm.kernels.cpu_bf16 import bf16_linear, native_bf16, unavailable
 
 HEADS = {"smollm2-135m": (49152, 576), "llama-2-7b": (32000, 4096)}
 MS = [1, 4, 16, 64]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ops = onednn_fp32()
     start, t0 = cpu_seconds(), time.perf_counter()
     result = {"device": "cpu", "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "bf16_linear": "AVX2 (csrc/cpu_bf16*.cpp)",
+              "native_bf16": native_bf16(), "bf16_linear": "AVX2 (csrc/cpu_bf16*.cpp)",
               "args": {k: v for k, v in vars(args).items() if k != "results"}, "rows": []}
     for model, (n, k) in HEADS.items():
         result["rows"] += bench_head(model, n, k, args, ops)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_build import CpuKernelUnavailable, ensure_loaded
+from .cpu_linear import best_isa
 
 
 def native_bf16() -> bool:
@@ -32,7 +33,7 @@ def unavailable(weight: torch.Tensor) -> str | None:
         ensure_loaded()
     except CpuKernelUnavailable as e:
         return str(e)
-    if not torch.ops.daq_cpu.best_isa():
+    if best_isa() == "scalar":
         return "needs AVX2 and FMA, which this CPU lacks"
     return None
 

@@ -4,8 +4,10 @@ vLLM downcasts every float32 checkpoint to its platform's first dtype, bfloat16 
 (`vllm.config.model._resolve_auto_dtype`), even where the CPU has neither AVX512-BF16 nor AMX and
 computes bfloat16 matmuls and attention by conversion. There the unquantized SmolLM2 ran at 11.8
 output tok/s in bfloat16 against 52.5 in float32 (batch 16, benchmarks/results/throughput-cpu.md),
-and DAQ checkpoints pay the same for the layers they leave in full precision (embeddings, head,
-attention).
+and DAQ checkpoints paid the same for the layers they leave in full precision. Their head and
+skipped linears now run through `kernels.cpu_bf16` there, which brings DAQ in bfloat16 level with
+DAQ in float32 (throughput-cpu.md); float32 stays the default, keeping activations and the KV cache
+in float32.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from .server_args import option_value
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
-    import torch
+    """Whether this CPU computes bfloat16 natively (`kernels.cpu_bf16.native_bf16`, imported here, not
+    at the top, so that `daq-vllm` starts without importing torch)."""
+    from ..kernels.cpu_bf16 import native_bf16 as kernels_native_bf16
 
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return kernels_native_bf16()
 
 
 def cpu_dtype(server_args: list[str]) -> list[str]:
