@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -54,7 +55,8 @@ SEQUENTIAL_SUFFIX = "seq"  # daqseq: daq calibrated on the quantized layers' out
 
 
 def row_options(
-    method: str, fmt: str, group_size: int, nsamples: int, polish: int = CompensationSpec.polish
+    method: str, fmt: str, group_size: int, nsamples: int, polish: int = CompensationSpec.polish,
+    asymmetric: float = 0.0,
 ) -> QuantizeOptions:
     """The options of a METHOD-FORMAT row: METHOD = RECIPE[seq][+ROUNDING], nearest rounding unless named."""
     base, _, rounding = method.partition("+")
@@ -66,7 +68,7 @@ def row_options(
                          f"{', '.join(ROUNDINGS)}")
     return recipe_options(recipe, rounding or "nearest", format=fmt, group_size=group_size,
                           calib=CalibSpec(nsamples=nsamples), sequential=sequential, overwrite=True, progress=False,
-                          compensation=CompensationSpec(polish=polish))
+                          compensation=CompensationSpec(polish=polish), asymmetric=asymmetric)
 
 
 def results_name(windows: int) -> str:
@@ -97,7 +99,8 @@ def markdown(rows: list[dict], windows: int, total: int) -> str:
         "-auto rows choose each linear's codebook among nf4, fp4_e2m1, int4 by calibration loss (`--format auto`;",
         "linears per codebook in quality.json's `formats`).",
         "bits/w counts the code plus the fp16 scale and offset per group.",
-        "ROW/nN rows calibrate on N blocks, ROW/pN rows polish N rounds.",
+        "ROW/nN rows calibrate on N blocks, ROW/pN rows polish N rounds, ROW/aA rows calibrate asymmetrically",
+        "(`--asymmetric A`: towards the float model's outputs from the quantized model's inputs, step share A).",
         "`quantize s` is wall time with other jobs sharing the 2 cores;",
         "benchmarks/results/quant_speed.md has the idle timing.",
     ]
@@ -130,10 +133,11 @@ GOALS = (  # (what, DAQ rows considered, peer row, largest allowed fraction of t
 def goal_lines(rows: list[dict], full: float) -> list[str]:
     """The issue's acceptance goals at g64, each DAQ row's loss against the same-run peer's.
 
-    Only rows with the default calibration (no /nN) count, so the goals compare like with like.
+    Only rows calibrated on the default blocks (no /nN) count, so the goals compare like with like.
     """
     g64 = {r["row"]: r for r in rows if r.get("group_size") == 64}
-    daq = [r for r in g64.values() if r.get("method", "").split("+")[0] in ("daq", "daqseq") and "/" not in r["row"]]
+    daq = [r for r in g64.values()
+           if r.get("method", "").split("+")[0] in ("daq", "daqseq") and not re.search(r"/n\d+", r["row"])]
     table = []
     for what, pick, peer, allowed in GOALS:
         candidates = [r for r in daq if pick(r)]
@@ -177,6 +181,9 @@ def main() -> None:
                     help="calibration blocks of 512 tokens for daq rows; rows other than the default are named ROW/nN")
     ap.add_argument("--polish", type=int, default=CompensationSpec.polish,
                     help="+gptq rows: rounds of polishing (`--polish`); rows other than the default are named ROW/pN")
+    ap.add_argument("--asymmetric", type=float, default=0.0, metavar="ALPHA",
+                    help="daq rows: asymmetric calibration with this share of the step (`--asymmetric`); "
+                         "rows other than 0 are named ROW/aALPHA")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate the checkpoint an earlier run left in the cache (e.g. for --windows 148) "
                          "instead of quantizing again; its quantize time comes from its report")
@@ -196,11 +203,13 @@ def main() -> None:
         for name in args.rows:
             row = name if args.nsamples == CalibSpec.nsamples else f"{name}/n{args.nsamples}"
             row += "" if args.polish == CompensationSpec.polish or "+gptq" not in name else f"/p{args.polish}"
+            row += f"/a{args.asymmetric:g}" if args.asymmetric and name.startswith("daq") else ""
             if not args.redo and any((r["row"], r.get("group_size")) == (row, g) for r in results):
                 continue
             method, fmt = name.split("-", 1)
             out = CACHE / f"quality-{row.replace('/', '-')}-g{g}"
-            opts = row_options(method, fmt, g, args.nsamples, args.polish)
+            opts = row_options(method, fmt, g, args.nsamples, args.polish,
+                               args.asymmetric if method.startswith("daq") else 0.0)
             calibrated = opts.ldra is not None
             if args.reuse and (out / REPORT_FILE).is_file():
                 report = json.loads((out / REPORT_FILE).read_text())
@@ -215,6 +224,7 @@ def main() -> None:
                 "row": row, "method": method, "format": fmt, "bits": report["format"]["bits"], "group_size": g,
                 **({"nsamples": args.nsamples} if calibrated else {}),
                 **({"polish": opts.compensation.polish} if opts.compensation is not None else {}),
+                **({"asymmetric": opts.asymmetric} if opts.asymmetric else {}),
                 **({"formats": report["formats"]} if fmt == "auto" else {}),
                 "bits_per_weight": report["bits_per_weight"], "ppl": ppl, "quantize_seconds": round(seconds, 2),
             }, args.windows, result.total_windows)

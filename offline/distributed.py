@@ -171,6 +171,9 @@ def check_distributed(opts: QuantizeOptions, world: int) -> None:
     if opts.sequential:
         raise DAQError("--sequential feeds each layer the quantized previous layers' outputs of every block, which "
                        "no process of a distributed run holds; drop --sequential or run one process")
+    if opts.asymmetric:
+        raise DAQError("--asymmetric feeds each layer the quantized previous layers' outputs of every block, which "
+                       "no process of a distributed run holds; drop --asymmetric or run one process")
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

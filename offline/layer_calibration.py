@@ -3,7 +3,9 @@
 With LDRA, calibration blocks flow through the layers one at a time (GPTQ-style): a layer is
 loaded, its linears' input statistics are collected while the activations pass through it, and
 the activations move on to the next layer, through the float layer or (`sequential`) through the
-quantized one. Run over several processes, each holds its share of the blocks and the statistics
+quantized one. Asymmetric calibration (`asymmetric.py`) carries both, the float model's activations
+and the quantized model's, and collects each input's statistics from paired passes of every block
+(`collect_stage`). Run over several processes, each holds its share of the blocks and the statistics
 are summed along them (`distributed.Ranks`); a rank hands its activations on as soon as it fed a
 layer, and the linears it quantizes later are loaded again (`weight`).
 """
@@ -38,6 +40,8 @@ class LayerCalibration:
         self.min_expert_tokens = opts.moe_min_token_share * blocks.numel()
         self.runner = LayerRunner(source, layers, opts.device, "cpu" if opts.offload_activations else None)
         self.hidden = self.runner.first_inputs(blocks[ranks.share(len(blocks))])
+        # asymmetric: the float model's activations; `hidden` then holds the quantized model's
+        self.float_hidden = self.hidden.clone() if opts.asymmetric else None
 
     def collect(self, layer: DecoderLayer, names: list[str]) -> tuple[SecondMoments, torch.Tensor]:
         """Load `layer` and pass the activations through it: its linears' input statistics (this
@@ -47,15 +51,63 @@ class LayerCalibration:
         self.ranks.receive_sums(moments)
         moments.attach(layer.module, layer.name, names)
         try:
-            outputs = self.runner.forward(layer.module, self.hidden, moments.new_pass)
+            if self.float_hidden is None:
+                outputs = self.runner.forward(layer.module, self.hidden, moments.new_pass)
+            else:
+                outputs = self._float_forward(layer, moments)
         finally:
             moments.detach()
         self.ranks.pass_on(moments)
         return moments, outputs
 
+    def _float_forward(self, layer: DecoderLayer, moments: SecondMoments) -> torch.Tensor:
+        """Every block through the float `layer` on the float model's activations, the hooks only
+        recording which linears read which input, in order (`moments.reference`, `alias`); returns
+        the float model's outputs. The statistics come stage by stage (`collect_stage`)."""
+        outputs = torch.empty_like(self.float_hidden)
+        moments.recording = True
+        try:
+            for i in range(self.float_hidden.shape[0]):
+                moments.new_pass()
+                outputs[i] = self.runner.block(layer.module, self.float_hidden[i])
+        finally:
+            moments.recording = False
+        return outputs
+
+    def collect_stage(
+        self, layer: DecoderLayer, readers: list[str], quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> SecondMoments:
+        """Asymmetric calibration of the linears `readers` (all reading one input, the first one
+        hooked) after this layer's `quantized` linears (name -> float weight, decoded weight): each
+        block runs up to that input twice, through the float weights on the float model's
+        activations and through the decoded ones on the quantized model's."""
+        moments = self.new_moments()
+        moments.attach(layer.module, layer.name, readers[:1])
+        moments.alias.update({r: readers[0] for r in readers[1:]})  # the pass stops before they run
+        stop_at = layer.module.get_submodule(_local(layer, readers[0]))
+        try:
+            for i in range(self.hidden.shape[0]):
+                for name, (w, _) in quantized.items():
+                    set_parameter(layer.module, f"{_local(layer, name)}.weight", w)
+                moments.new_pass()
+                moments.recording = True
+                try:
+                    self.runner.block_until(layer.module, self.float_hidden[i], stop_at)
+                finally:
+                    moments.recording = False
+                for name, (_, w_hat) in quantized.items():
+                    set_parameter(layer.module, f"{_local(layer, name)}.weight", w_hat)
+                moments.new_pass()
+                self.runner.block_until(layer.module, self.hidden[i], stop_at)
+                moments.reference.clear()
+        finally:
+            moments.detach()
+        return moments
+
     def new_moments(self) -> SecondMoments:
         """An empty accumulator of the statistics the run's rounding needs."""
-        return SecondMoments(self.opts.group_size, full=self.opts.compensation is not None)
+        return SecondMoments(self.opts.group_size, full=self.opts.compensation is not None,
+                             paired=self.float_hidden is not None)
 
     @staticmethod
     def expert_tokens(moments: SecondMoments, names: list[str]) -> dict[str, int]:
@@ -90,11 +142,15 @@ class LayerCalibration:
         `float_outputs` are the layer's full-precision outputs when `collect` already computed them
         (its weights are still loaded then); a resumed layer passes None. With `sequential`, the
         next layer sees this layer's outputs with the weights `decoded` gives for `names` instead
-        (one process only: `check_distributed`).
+        (one process only: `check_distributed`); asymmetric calibration moves both streams, the
+        float one by `float_outputs` (the float model's, from `_float_forward`).
         """
         if float_outputs is None:
             materialize(self.source, layer.name, layer.module, self.opts.device)
-        if self.opts.sequential:
+        if self.float_hidden is not None:
+            self.float_hidden = (float_outputs if float_outputs is not None
+                                 else self.runner.forward(layer.module, self.float_hidden))
+        if self.opts.sequential or self.float_hidden is not None:
             for name in names:
                 set_parameter(layer.module, f"{_local(layer, name)}.weight", decoded(name, self.shape(layer, name)[1]))
             outputs = self.runner.forward(layer.module, self.hidden)

@@ -2,16 +2,20 @@
 
 The model, in bytes (f = 4: everything the quantizer computes with is float32), per decoder layer:
 
-    weights      W = the layer's parameters (dropped linear by linear once quantized)
+    weights      W = the layer's parameters (dropped linear by linear once quantized; with
+                     --asymmetric kept, and each quantized linear's decoded weight added)
     activations  A = 2 S T D f: every calibration block's hidden states entering and leaving it
+                     (3 S T D f with --asymmetric: the float model's stream beside the quantized one)
     forward      F = one block inside the layer: T (2D + sum of the linears' outputs) f + heads T^2 f
     moments      M = per input read by its linears: K^2 f (full, for --rounding gptq) or K g f
+                     (2 K^2 f with --asymmetric until its targets are made: the cross moment too)
     rounding     R = the Cholesky factor of the damped inverse moment, K^2 f, and K^2 f more while
                      it is computed (`compensated.InputHessian`)
     working      Q = LDRA on one row chunk (`grid.row_chunks`): LDRA_COPIES floats per weight, and
                      WORKING_BASE (without calibration: INIT_COPIES floats per weight)
 
-    peak(layer) = A + max(W + M + max(F, Q),                  calibration forward, --format auto
+    peak(layer) = A + max(W + M + max(F, Q, S),               calibration forward, --format auto,
+                                                              --asymmetric's targets (S = 3 K^2 f)
                           max over its linears n, in order:   quantizing n
                               W(n and later) + M(inputs still read) + R(n) + Q(n) [+ M])
 
@@ -146,8 +150,9 @@ def layer_memory(
         working = max((_working(n, k, INIT_COPIES, 0) for n, k in shapes.values()), default=0)
         return LayerMemory(name, params + working, params, 0, 0, working)
     s, t = opts.calib.nsamples, opts.calib.seqlen
-    full = opts.compensation is not None
-    activations = 2 * s * t * hidden * F32
+    paired = bool(opts.asymmetric)
+    full = opts.compensation is not None or paired
+    activations = (3 if paired else 2) * s * t * hidden * F32
     inputs: dict[str, int] = {}
     readers: dict[str, list[str]] = {}
     for lin, (_, k) in shapes.items():
@@ -156,16 +161,19 @@ def layer_memory(
         readers.setdefault(key, []).append(lin)
     forward = t * (2 * hidden + sum(n for n, _ in shapes.values())) * F32 + heads * t * t * F32
     screen = max(_working(n, k, LDRA_COPIES) for n, k in shapes.values()) if len(candidate_codebooks(opts)) > 1 else 0
-    moments = sum(inputs.values())
+    moments = sum(inputs.values()) * (2 if paired else 1)  # the cross moments go once the targets are made
     sending = moments if world > 1 else 0
-    phases = [(params, moments, max(forward, screen))]
+    targets = 3 * max(k for _, k in shapes.values()) ** 2 * F32 if paired else 0
+    phases = [(params, moments, max(forward, screen, targets))]
     weights_left, order = params, list(shapes)
     for lin, (n, k) in shapes.items():
         key = _shared_key(lin)
         factor = (2 if readers[key][0] == lin else 1) * k * k * F32 if full else 0
         held = sum(inputs[i] for i, members in readers.items() if order.index(members[-1]) >= order.index(lin))
         phases.append((weights_left, held + factor + sending, _working(n, k, LDRA_COPIES)))
-        weights_left -= n * k * F32
+        # --asymmetric keeps each quantized linear's float weight and adds its decoded one, for the
+        # layer's later stages (pipeline._quantize_stages)
+        weights_left += n * k * F32 if paired else -n * k * F32
     w, m, q = max(phases, key=sum)
     return LayerMemory(name, activations + w + m + q, w, activations, m, q)
 

@@ -4,9 +4,14 @@ Forward pre-hooks on the linears accumulate, batch by batch, the block-diagonal 
 their inputs per group, `sum_t x_t,j x_t,j^T` (or the full `X^T X` when error-compensated rounding
 needs it). The blocks follow `grid.split_groups`: the full groups, then the partial last group.
 
+With `paired` (asymmetric calibration, `asymmetric.py`), each block first runs through the layer
+on the float model's activations while the hooks only record the linears' inputs (`recording`),
+then on the quantized model's activations, and each input also accumulates the cross moment
+`X^T X~` of the float inputs X with the quantized-stream inputs X~, token by token.
+
 Memory: once read, the sums become moments in place (divided by the token count); a full moment's
 diagonal blocks are copied out once, and `done` drops an input's statistics after its last reader,
-so a layer holds the K x K moments of the inputs still to be quantized only.
+so a layer holds the K x K moments of the inputs still to be quantized only (two with `paired`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ class SecondMoments:
     diagonal blocks (K^2 floats per distinct input: what GPTQ holds too).
     """
 
-    def __init__(self, group_size: int, full: bool = False):
+    def __init__(self, group_size: int, full: bool = False, paired: bool = False):
         self.group_size = group_size
-        self.full = full
+        self.full = full or paired
+        self.paired = paired
+        self.recording = False  # paired: this pass records the float model's inputs (`reference`)
+        self.reference: dict[str, torch.Tensor] = {}  # per linear, its float input in this block
+        self.cross: dict[str, torch.Tensor] = {}  # per input, sum_t x_t x~_t^T (then / T)
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.tokens: dict[str, int] = {}
         self.alias: dict[str, str] = {}
@@ -62,7 +71,12 @@ class SecondMoments:
                 self.alias.setdefault(name, self._pass_inputs[key][0])
                 return
             self._pass_inputs[key] = (name, x)
+            if self.recording:
+                self.reference[name] = x.reshape(-1, x.shape[-1])
+                return
             self._accumulate(name, x.reshape(-1, x.shape[-1]).float())
+            if self.paired:
+                self._accumulate_cross(name, x.reshape(-1, x.shape[-1]).float())
 
         return hook
 
@@ -77,6 +91,18 @@ class SecondMoments:
             for acc, p in zip(self.sums[name], parts):
                 acc += p
         self.tokens[name] += t
+
+    def _accumulate_cross(self, name: str, x: torch.Tensor) -> None:
+        """Add X^T X~ of this block: the float model's input of `name` (recorded) with `x`."""
+        ref = self.reference.get(name)
+        if ref is None or ref.shape != x.shape:
+            raise RuntimeError(f"asymmetric calibration: the float model's input of {name} was not recorded "
+                               f"for this block, or holds other tokens (routing differs between the two streams)")
+        product = ref.float().T @ x
+        if name in self.cross:
+            self.cross[name] += product
+        else:
+            self.cross[name] = product
 
     def _group_products(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per block of groups: `X_j^T X_j` for the full groups [G, g, g], then the partial one [1, L, L]."""
@@ -111,6 +137,8 @@ class SecondMoments:
                 for s in sums:
                     s.div_(self.tokens[owner])
                 self._blocks[owner] = diagonal_blocks(sums[0], self.group_size) if self.full else sums
+                if owner in self.cross:
+                    self.cross[owner].div_(self.tokens[owner])
             for name in [*self.sums, *self.alias]:
                 self._pending.setdefault(self.input_owner(name), set()).add(name)
         return self._blocks
@@ -123,6 +151,16 @@ class SecondMoments:
         """H = X^T X / T [K, K]; only with `full`, and only until `derive` took it over."""
         self._finalize()
         return self.sums[self.input_owner(name)][0]
+
+    def cross_moment(self, name: str) -> torch.Tensor:
+        """C = X^T X~ / T [K, K] of the float inputs X with the quantized-stream inputs X~; only with
+        `paired`."""
+        self._finalize()
+        return self.cross[self.input_owner(name)]
+
+    def drop_cross(self) -> None:
+        """Free the cross moments once their last use (`asymmetric_target`) is over."""
+        self.cross.clear()
 
     def derive(self, name: str, make: Callable[[torch.Tensor], Any]) -> Any:
         """`make(H)` for the input of `name`, made once per input: `make` takes H over (it may
@@ -141,7 +179,7 @@ class SecondMoments:
         if pending is not None:
             pending.discard(name)
             if not pending:
-                for held in (self.sums, self._blocks, self._derived, self._pending):
+                for held in (self.sums, self._blocks, self._derived, self._pending, self.cross):
                     held.pop(owner, None)
 
 

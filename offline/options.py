@@ -68,6 +68,9 @@ class QuantizeOptions:
     compensation: CompensationSpec | None = None
     calib: CalibSpec = field(default_factory=CalibSpec)
     sequential: bool = False
+    # asymmetric calibration (asymmetric.py): the share alpha of the step towards the float model's
+    # outputs from the quantized model's inputs; 0 = off
+    asymmetric: float = 0.0
     skip: list[str] = field(default_factory=list)
     quantize_lm_head: bool = False
     device: str = "cpu"
@@ -157,6 +160,10 @@ def check_options(opts: QuantizeOptions) -> None:
         raise DAQError(
             f"--rounding gptq needs calibration statistics; use it with --method daq, not {opts.init.method}"
         )
+    if not 0 <= opts.asymmetric <= 1:
+        raise DAQError(f"--asymmetric {opts.asymmetric:g} is not a share of the step; give a number from 0 (off) to 1")
+    if opts.asymmetric and opts.ldra is None:
+        raise DAQError(f"--asymmetric needs calibration statistics; use it with --method daq, not {opts.init.method}")
     if opts.moe_calibration not in (CALIBRATE_ROUTED, CALIBRATE_ALL):
         raise DAQError(f"unknown --moe-calibration {opts.moe_calibration!r}; "
                        f"choose {CALIBRATE_ROUTED} or {CALIBRATE_ALL}")

@@ -30,9 +30,10 @@ from daq_vllm.errors import DAQError
 from daq_vllm.format import OFFSETS, QWEIGHT, SCALES, Codebook, DAQFormat
 from daq_vllm.kernels import dequantize, pack_codes
 
+from .asymmetric import asymmetric_target
 from .auto_format import Choice, Screening, choose_codebooks
 from .checkpoint_writer import ShardedWriter, check_output, commit_output, prepare_output
-from .compensated import InputHessian, compensate
+from .compensated import CompensationSpec, InputHessian, compensate
 from .distributed import Ranks, check_distributed
 from .grid import row_chunks
 from .layer_calibration import LayerCalibration
@@ -214,6 +215,8 @@ def _quantize_layer(
     """Quantize the linears of `names` this rank owns, against the layer's statistics summed over
     every rank, which `Ranks.final_sums` hands to their owners; the leader returns every rank's
     tensors and reports."""
+    if calibration is not None and quantizer.opts.asymmetric:  # one process (check_distributed)
+        return _quantize_stages(layer, names, quantizer, calibration, fed.moments)
     if calibration is not None:
         moments = fed.moments if fed is not None and fed.moments is not None else calibration.new_moments()
         shapes = {n: calibration.shape(layer, n) for n in names}
@@ -240,6 +243,39 @@ def _quantize_layer(
         return_freed_memory()
     gathered = ranks.gather(results)
     results = {n: r for part in gathered for n, r in part.items()} if gathered is not None else {}
+    results = {n: results[n] for n in names if n in results}
+    tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
+    return tensors, {n: r.report for n, r in results.items()}
+
+
+def _quantize_stages(
+    layer: DecoderLayer, names: list[str], quantizer: LinearQuantizer, calibration: LayerCalibration,
+    layout: SecondMoments,
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
+    """Asymmetric calibration of a layer, one input at a time in the order the forward pass reads
+    them (GPTAQ's sequential stages: q/k/v, o, gate/up, down): the linears of an input are
+    calibrated on the quantized model's activations through this layer's already quantized linears
+    (`LayerCalibration.collect_stage`) and aimed at the float model's outputs (`asymmetric_target`).
+    `layout`: the float pass's record of which linears read which input, in order."""
+    opts = quantizer.opts
+    damp = (opts.compensation or CompensationSpec()).damp
+    stages = [[n for n in names if layout.input_owner(n) == owner] for owner in layout.reference]
+    layout.reference.clear()
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    results: dict[str, QuantizedLinear] = {}
+    for readers in stages:
+        moments = calibration.collect_stage(layer, readers, quantized)
+        weights = {n: _checked(f"{n}.weight", calibration.weight(layer, n)) for n in readers}
+        targets = {n: asymmetric_target(w, moments.full_moment(n), moments.cross_moment(n), opts.asymmetric, damp)
+                   for n, w in weights.items()}
+        moments.drop_cross()
+        choices = quantizer.choose(targets, moments)
+        for n in readers:
+            results[n] = quantizer(n, targets.pop(n), moments, choices[n])
+            moments.done(n)
+            decoded = quantizer.decoded(results[n].tensors, {n: results[n].report}, n, weights[n].shape[1])
+            quantized[n] = (weights[n], decoded)
+            return_freed_memory()
     results = {n: results[n] for n in names if n in results}
     tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
     return tensors, {n: r.report for n, r in results.items()}
@@ -362,6 +398,9 @@ def _quantize(model_path: str, out: Path, opts: QuantizeOptions, ranks: Ranks) -
     t0 = time.time()
     source = open_model(model_path, opts.revision)
     targets = plan_targets(source, opts)
+    if opts.asymmetric and targets.expert_groups:
+        raise DAQError(f"--asymmetric cannot calibrate the experts of {source.architecture} (routing differs between "
+                       "the float and the quantized model's activations); drop --asymmetric for MoE models")
     quantizer = LinearQuantizer(source, opts, targets.expert_groups)
     share = ranks.share(opts.calib.nsamples) if opts.ldra is not None else slice(0, opts.calib.nsamples)
     plan = plan_memory(source, targets, replace(opts, calib=replace(opts.calib, nsamples=share.stop - share.start)),

@@ -90,7 +90,8 @@ def provenance(opts: QuantizeOptions, source_path: str) -> dict[str, Any]:
         "init": asdict(opts.init),
         "ldra": asdict(opts.ldra) if calibrated else None,
         "compensation": asdict(opts.compensation) if opts.compensation is not None else None,
-        "calibration": {**asdict(opts.calib), "sequential": opts.sequential} if calibrated else None,
+        "calibration": {**asdict(opts.calib), "sequential": opts.sequential, "asymmetric": opts.asymmetric}
+        if calibrated else None,
         "source": source_path,
         **({"hub_id": hub[0], "revision": hub[1]} if hub else {}),
         "skip": list(opts.skip),

@@ -39,7 +39,7 @@ def release(module: nn.Module) -> None:
 
 
 class _Stop(Exception):
-    """Ends the model's forward pass once layer 0's inputs are recorded."""
+    """Ends a forward pass once the inputs it was run for are recorded."""
 
 
 class _Catcher(nn.Module):
@@ -121,6 +121,27 @@ class LayerRunner:
         for i in range(hidden.shape[0]):
             if before_each is not None:
                 before_each()
-            y = layer(hidden[i : i + 1].to(self.device), *self.args, **self.kwargs)
-            out[i] = (y[0] if isinstance(y, tuple) else y)[0]
+            out[i] = self.block(layer, hidden[i])
         return out
+
+    @torch.no_grad()
+    def block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One block [T, D] through `layer`: its output [T, D] on the compute device."""
+        y = layer(hidden[None].to(self.device), *self.args, **self.kwargs)
+        return (y[0] if isinstance(y, tuple) else y)[0]
+
+    @torch.no_grad()
+    def block_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: nn.Module) -> None:
+        """One block [T, D] through `layer` up to `stop_at`: its forward pre-hooks registered so far
+        run, `stop_at` and what follows it do not."""
+
+        def stop(module: nn.Module, args: tuple) -> NoReturn:
+            raise _Stop
+
+        handle = stop_at.register_forward_pre_hook(stop)
+        try:
+            self.block(layer, hidden)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()

@@ -63,6 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     p.add_argument("--sequential", action="store_true",
                    help="each layer calibrates on the quantized previous layers' outputs")
+    p.add_argument("--asymmetric", type=float, default=0.0, metavar="ALPHA",
+                   help="asymmetric calibration: aim each linear at the float model's output from the quantized "
+                        "model's input, taking this share of the step (0 = off, default; GPTAQ uses 0.25); "
+                        "carries both models' activations and a second K x K moment per input")
     p.add_argument("--moe-calibration", default="all", choices=["all", "routed"],
                    help="MoE models: every expert sees every calibration token while only routed outputs flow on "
                         "(all, default), or experts calibrate on the tokens routed to them (routed)")
@@ -161,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         calib=CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         field=args.calib_field, chat_template=args.chat_template),
         sequential=args.sequential,
+        asymmetric=args.asymmetric,
         resume=args.resume,
         skip=args.skip,
         quantize_lm_head=args.quantize_lm_head,

@@ -114,6 +114,7 @@ def test_a_killed_rank_leaves_no_checkpoint_and_resume_finishes_it(tiny_llama, o
 @pytest.mark.parametrize("extra, message", [
     (["--method", "dca"], "--method dca has no calibration to split over 2 processes"),
     (["--sequential"], "--sequential feeds each layer the quantized previous layers' outputs"),
+    (["--asymmetric", "0.25"], "--asymmetric feeds each layer the quantized previous layers' outputs"),
 ])
 def test_what_a_distributed_run_cannot_do_is_refused_before_it_starts(tiny_llama, tmp_path, capsys, extra, message):
     code = cli.main(["quantize", str(tiny_llama), "--out", str(tmp_path / "o"), "--nproc", "2", *extra])

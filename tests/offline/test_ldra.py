@@ -182,7 +182,8 @@ def killed_in_layer_two():
     return wrapper
 
 
-@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--sequential", "--format", "auto"]])
+@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--sequential", "--format", "auto"],
+                                   ["--asymmetric", "0.25"]])
 def test_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, capsys, extra):
     """Also with --format auto: a resumed layer's codebooks come from its saved report entries."""
     calib = calib_file(tmp_path)

@@ -170,3 +170,10 @@ def test_unmappable_experts_end_with_one_line(tmp_path):
     assert len(lines) == 1 and "GraniteMoeForCausalLM" in lines[0], proc.stderr
     assert "model.layers.0.block_sparse_moe.experts" in lines[0]
     assert not (tmp_path / "q").exists()
+
+
+def test_asymmetric_calibration_of_experts_is_refused(moe_sources, tmp_path):
+    opts = recipe_options("daq", format="fp4_e2m1", group_size=64, progress=False, asymmetric=0.25)
+    with pytest.raises(DAQError, match=r"--asymmetric cannot calibrate the experts of MixtralForCausalLM"):
+        quantize_model(str(moe_sources["mixtral"]), tmp_path / "q", opts)
+    assert not (tmp_path / "q").exists()
