@@ -64,15 +64,11 @@ class LayerCalibration:
         """Every block through the float `layer` on the float model's activations, the hooks only
         recording which linears read which input, in order (`moments.reference`, `alias`); returns
         the float model's outputs. The statistics come stage by stage (`collect_stage`)."""
-        outputs = torch.empty_like(self.float_hidden)
         moments.recording = True
         try:
-            for i in range(self.float_hidden.shape[0]):
-                moments.new_pass()
-                outputs[i] = self.runner.block(layer.module, self.float_hidden[i])
+            return self.runner.forward(layer.module, self.float_hidden, moments.new_pass)
         finally:
             moments.recording = False
-        return outputs
 
     def collect_stage(
         self, layer: DecoderLayer, readers: list[str], quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -242,7 +242,13 @@ def _quantize_layer(
             calibration.drop_weight(layer, n)
         return_freed_memory()
     gathered = ranks.gather(results)
-    results = {n: r for part in gathered for n, r in part.items()} if gathered is not None else {}
+    return _in_layer_order({n: r for part in gathered for n, r in part.items()} if gathered is not None else {}, names)
+
+
+def _in_layer_order(
+    results: dict[str, QuantizedLinear], names: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearReport]]:
+    """A layer's checkpoint tensors and reports from its quantized linears, in the order of `names`."""
     results = {n: results[n] for n in names if n in results}
     tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
     return tensors, {n: r.report for n, r in results.items()}
@@ -276,9 +282,7 @@ def _quantize_stages(
             decoded = quantizer.decoded(results[n].tensors, {n: results[n].report}, n, weights[n].shape[1])
             quantized[n] = (weights[n], decoded)
             return_freed_memory()
-    results = {n: results[n] for n in names if n in results}
-    tensors = {k: v for r in results.values() for k, v in r.tensors.items()}
-    return tensors, {n: r.report for n, r in results.items()}
+    return _in_layer_order(results, names)
 
 
 def _owners(
