@@ -12,13 +12,16 @@ product of x with codebook values, and scale and offset are applied once per gro
 a [M, N] update per group instead of a [N, K] one. Partial last groups are masked like any
 other edge.
 
-Paths, chosen per (M bucket, N, K) by measurement on the GPU (`_tuned`), with fixed defaults
-under the interpreter and during CUDA-graph capture:
+Paths, chosen per (M bucket, N, K) by measurement on the GPU (`_tuned`; configs shipped per
+GPU in `configs/<gpu>.json` are taken first), with fixed defaults under the interpreter and
+during CUDA-graph capture:
 - `gemv` (M <= 8, decode): CUDA-core products, one x row per program, weights walked in chunks
   of 32 codes (exactly `bits` int32 words, so each code is a constant shift of one word plane),
   optional split-K with atomic adds;
 - `gemm`: a tiled `tl.dot` per group (fp32 accumulate), optional split-K for small M;
-- `dequant`: write W_hat once, then cuBLAS (`torch.nn.functional.linear`), for large M.
+- `dequant`: write W_hat once, then cuBLAS (`torch.nn.functional.linear`), for large M;
+- `mma` and `gemv2` (`triton_v2`): the v2 kernels on the repacked layout made in `prepare()`,
+  candidates beside the others until measurements on a GPU show where they win.
 
 Under `TRITON_INTERPRET=1` (CPU tensors) `tl.dot` operands are upcast to fp32, because the
 interpreter's bf16 `tl.dot` is wrong.
@@ -26,12 +29,17 @@ interpreter's bf16 `tl.dot` is wrong.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_v2 import GEMV2_MAX_M, gemv_v2, mma_v2
+from .triton_v2_layout import RepackedWeights
 
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 2048  # the untuned default switches to dequantize + cuBLAS from here
@@ -45,7 +53,7 @@ def interpreting() -> bool:
 class KernelConfig:
     """One launch configuration; `path` names the kernel."""
 
-    path: str  # "gemv" | "gemm" | "dequant"
+    path: str  # "gemv" | "gemm" | "dequant" | "mma" | "gemv2"
     block_m: int = 16
     block_n: int = 32
     chunks_per_iter: int = 4  # gemv: chunks of 32 codes per step
@@ -59,7 +67,9 @@ class KernelConfig:
         if self.path == "gemv":
             return (f"gemv BN{self.block_n} C{self.chunks_per_iter} split{self.split_k} "
                     f"w{self.num_warps} s{self.num_stages}")
-        return f"gemm BM{self.block_m} BN{self.block_n} split{self.split_k} w{self.num_warps} s{self.num_stages}"
+        if self.path == "gemv2":
+            return f"gemv2 BN{self.block_n} split{self.split_k} w{self.num_warps} s{self.num_stages}"
+        return f"{self.path} BM{self.block_m} BN{self.block_n} split{self.split_k} w{self.num_warps} s{self.num_stages}"
 
 
 @triton.jit
@@ -356,6 +366,21 @@ def dequant_matmul(x, qweight, scales, offsets, codebook, bits: int, group_size:
 
 
 _PATHS = {"gemv": gemv_triton, "gemm": gemm_triton, "dequant": dequant_matmul}
+V2_PATHS = ("mma", "gemv2")
+
+
+def run_path(cfg: KernelConfig, x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool,
+             bias=None, repacked: RepackedWeights | None = None) -> torch.Tensor:
+    """One call of the path `cfg` names; the v2 paths read `repacked` (the layout `prepare()` made)."""
+    if cfg.path not in V2_PATHS:
+        return _PATHS[cfg.path](x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, cfg)
+    if repacked is None:
+        raise ValueError(f"the {cfg.path} path needs the v2 layout (triton_v2_layout.repack)")
+    if cfg.path == "gemv2":
+        return gemv_v2(x, repacked, codebook, bits, group_size, bias, cfg.block_n, cfg.split_k, cfg.num_warps,
+                       cfg.num_stages, _new_output)
+    return mma_v2(x, repacked, codebook, bits, group_size, bias, cfg.block_m, cfg.block_n, cfg.split_k,
+                  cfg.num_warps, cfg.num_stages, _new_output, interpreting())
 
 
 def m_bucket(m: int) -> int:
@@ -381,7 +406,7 @@ def default_config(m: int, n: int, k: int, cuda: bool) -> KernelConfig:
 
 
 def candidate_configs(m: int) -> list[KernelConfig]:
-    """What the tuner measures for an M bucket (kept short: each one is a compile)."""
+    """What the tuner measures for an M bucket among the v1 paths (kept short: each one is a compile)."""
     if m <= GEMV_MAX_M:
         gemv = [KernelConfig("gemv", block_n=bn, chunks_per_iter=c, split_k=sk)
                 for bn in (16, 32, 64) for c in (4, 8, 16) for sk in (1, 4)]
@@ -394,17 +419,81 @@ def candidate_configs(m: int) -> list[KernelConfig]:
             if bm * bn <= 128 * 128 or w == 8] + [KernelConfig("dequant")]
 
 
+def v2_candidate_configs(m: int) -> list[KernelConfig]:
+    """The v2 configs the tuner measures for an M bucket (each compiles to register-A wgmma without
+    spills for sm_90a: tests/kernels/test_triton_v2_compile.py). Split-K fills the SMs at small M."""
+    if m <= GEMV2_MAX_M:
+        return ([KernelConfig("gemv2", block_n=bn, split_k=sk, num_warps=w, num_stages=2)
+                 for bn, w in ((32, 4), (64, 4), (128, 8)) for sk in (4, 8)]
+                + [KernelConfig("mma", block_m=16, block_n=bn, split_k=sk, num_warps=4, num_stages=3)
+                   for bn in (64, 128) for sk in (4, 8)])
+    if m <= 16:
+        return [KernelConfig("mma", block_m=16, block_n=bn, split_k=sk, num_warps=4, num_stages=st)
+                for bn in (64, 128) for sk in (2, 4, 8) for st in (3, 4)]
+    if m <= 64:
+        return [KernelConfig("mma", block_m=m_bucket(m), block_n=bn, split_k=sk, num_warps=4, num_stages=3)
+                for bn in (64, 128) for sk in (1, 2, 4)]
+    return [KernelConfig("mma", block_m=bm, block_n=128, num_warps=w, num_stages=st)
+            for bm, w in ((64, 4), (128, 8)) for st in (2, 3)]
+
+
 _TUNED: dict[tuple, tuple[KernelConfig, float]] = {}
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+_KEY_FIELDS = ("m_bucket", "n", "k", "bits", "group_size", "dtype", "decode", "bias")
+
+
+def gpu_slug(name: str) -> str:
+    """File name of a GPU's shipped configs: `torch.cuda.get_device_name()` in lower case, dashed."""
+    return "-".join(name.lower().replace("_", " ").split())
+
+
+def _key_text(key: tuple) -> str:
+    return ",".join(str(v) for v in key)
+
+
+def load_configs(path: Path) -> dict[str, KernelConfig]:
+    """Shipped configs of one GPU: {tuning key text: config}, as `save_configs` writes them."""
+    data = json.loads(path.read_text())
+    return {row["key"]: KernelConfig(**row["config"]) for row in data["configs"]}
+
+
+def save_configs(path: Path, device: str) -> None:
+    """Write every configuration tuned so far (with its time) as the shipped configs of `device`."""
+    rows = [{"key": _key_text(key), "config": asdict(cfg), "ms": ms} for key, (cfg, ms) in sorted(_TUNED.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"device": device, "triton": triton.__version__, "configs": rows}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+_SHIPPED: dict[str, dict[str, KernelConfig]] = {}
+
+
+def shipped_config(key: tuple, device_name: str) -> KernelConfig | None:
+    """The config shipped for this key on this GPU (configs/<gpu>.json, read once), if any."""
+    if device_name not in _SHIPPED:
+        path = CONFIGS_DIR / f"{gpu_slug(device_name)}.json"
+        _SHIPPED[device_name] = load_configs(path) if path.exists() else {}
+    return _SHIPPED[device_name].get(_key_text(key))
 
 
 def tuned_configs() -> list[dict]:
     """Every configuration the tuner chose so far, with its measured time (for benchmark records)."""
-    keys = ("m_bucket", "n", "k", "bits", "group_size", "dtype", "e2m1", "bias")
-    return [{**dict(zip(keys, key)), **asdict(cfg), "ms": ms} for key, (cfg, ms) in _TUNED.items()]
+    return [{**dict(zip(_KEY_FIELDS, key)), **asdict(cfg), "ms": ms} for key, (cfg, ms) in _TUNED.items()]
 
 
-def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias) -> KernelConfig:
-    """The measured-best config for this (M bucket, N, K, format); tuned on first use.
+def tuning_key(x, qweight, bits: int, group_size: int, e2m1: bool, bias, repacked) -> tuple:
+    """(M bucket, N, K, bits, g, dtype, decode, bias): what a config is tuned for. The decode names
+    the v2 layout's when there is one (its candidates then run too)."""
+    m, k = x.shape
+    decode = repacked.decode + "+v2" if repacked is not None else ("e2m1" if e2m1 else "table")
+    return (m_bucket(m), qweight.shape[0], k, bits, group_size, str(x.dtype).removeprefix("torch."), decode,
+            bias is not None)
+
+
+def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, repacked=None) -> KernelConfig:
+    """The measured-best config for this (M bucket, N, K, format): shipped for this GPU, or tuned on
+    first use.
 
     No tuning on CPU (interpreter) or during CUDA-graph capture, where a key not yet tuned gets
     the default; vLLM's profiling run tunes the shapes before it captures graphs.
@@ -413,19 +502,23 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias) 
     n = qweight.shape[0]
     if not x.is_cuda:
         return default_config(m, n, k, False)
-    key = (m_bucket(m), n, k, bits, group_size, str(x.dtype).removeprefix("torch."), e2m1, bias is not None)
+    key = tuning_key(x, qweight, bits, group_size, e2m1, bias, repacked)
     if key in _TUNED:
         return _TUNED[key][0]
+    shipped = shipped_config(key, torch.cuda.get_device_name(x.device))
+    if shipped is not None:
+        _TUNED[key] = (shipped, float("nan"))
+        return shipped
     if torch.cuda.is_current_stream_capturing():
         return default_config(m, n, k, True)
     from triton.testing import do_bench
 
+    candidates = candidate_configs(m) + (v2_candidate_configs(m) if repacked is not None else [])
     best = None
-    for cfg in candidate_configs(m):
-        run = _PATHS[cfg.path]
+    for cfg in candidates:
         try:
-            ms = do_bench(lambda: run(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, cfg),
-                          warmup=5, rep=20, return_mode="median")
+            ms = do_bench(lambda: run_path(cfg, x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias,
+                                           repacked), warmup=5, rep=20, return_mode="median")
         except Exception:  # noqa: BLE001 - a candidate that does not compile or launch here is skipped
             continue
         if best is None or ms < best[1]:
@@ -435,14 +528,15 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias) 
 
 
 def daq_linear_triton(x, qweight, scales, offsets, codebook, bits: int, group_size: int, e2m1: bool,
-                      bias=None) -> torch.Tensor:
+                      bias=None, repacked: RepackedWeights | None = None) -> torch.Tensor:
     """`x @ W_hat^T (+ bias)` for x [..., K]: the tuned path for this (M bucket, N, K) on CUDA.
 
     `e2m1`: the codebook is fp4_e2m1 in code order (decided once per layer by the kernel layer,
-    `LinearSpec.decode`), so codes are decoded from their bits instead of the table.
+    `LinearSpec.decode`), so codes are decoded from their bits instead of the table. `repacked`:
+    the layer's v2 layout, when its kernel made one; the v2 paths are then candidates too.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias)
-    y = _PATHS[cfg.path](x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, cfg)
+    cfg = _tuned(x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, repacked)
+    y = run_path(cfg, x2, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, repacked)
     return y.reshape(*lead, y.shape[-1])

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import make_tiny_model
 
@@ -37,6 +38,24 @@ def require_cpu_kernel() -> None:
         ensure_loaded()
     except CpuKernelUnavailable as e:
         require(False, f"the DAQ CPU kernel cannot be built here: {e}")
+
+
+@pytest.fixture(scope="module")
+def tg():
+    """The Triton kernels module (`triton_gemm`), run on CPU tensors: the interpreter is on (above)."""
+    require(importlib.util.find_spec("triton") is not None, "triton is not installed")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from daq_vllm.kernels import triton_gemm
+
+    return triton_gemm
+
+
+@pytest.fixture
+def poisoned(tg, monkeypatch):
+    """`tg` with kernel outputs starting as NaN, so an element a kernel forgets to write fails the comparison."""
+    monkeypatch.setattr(tg, "_new_output",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    return tg
 
 
 @pytest.fixture(scope="session", autouse=True)

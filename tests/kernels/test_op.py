@@ -40,7 +40,8 @@ def test_op_is_registered_with_its_schema(op):
     schema = str(torch.ops.daq.linear.default._schema)
     assert schema.startswith("daq::linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor codebook, "
                              "SymInt bits, SymInt group_size, bool e2m1")
-    assert "Tensor? bias=None) -> Tensor" in schema
+    assert ("Tensor? bias=None, Tensor? v2_codes=None, Tensor? v2_scales=None, Tensor? v2_offsets=None, "
+            'str v2_decode="", str v2_asm="") -> Tensor') in schema
 
 
 def test_op_computes_the_reference(op):
@@ -48,6 +49,24 @@ def test_op_computes_the_reference(op):
     x, bias = torch.randn(2, 5, 96), torch.randn(24)
     y = torch.ops.daq.linear(x, q, s, b, cb.tensor(), 4, 64, False, bias)
     assert y.shape == (2, 5, 24)
+    torch.testing.assert_close(y, daq_linear_reference(x, q, s, b, cb.tensor(), 4, 64, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_op_carries_the_v2_layout(op, monkeypatch):
+    """The v2 tensors and decode reach the kernels: the interpreter's default is a v1 path, so the
+    tuner is pointed at the v2 `mma` path here, and its result must be the reference."""
+    from daq_vllm.kernels import triton_gemm
+    from daq_vllm.kernels.triton_v2_layout import repack
+
+    q, s, b, cb = weights()
+    rp = repack(q, s, b, tuple(cb.values), 4, 64, 96)
+    seen = []
+    cfg = triton_gemm.KernelConfig("mma", block_m=16, block_n=16)
+    monkeypatch.setattr(triton_gemm, "_tuned", lambda *args: seen.append(args[-1]) or cfg)
+    x, bias = torch.randn(2, 5, 96), torch.randn(24)
+    y = torch.ops.daq.linear(x, q, s, b, cb.tensor(), 4, 64, False, bias, rp.codes, rp.scales, rp.offsets,
+                             rp.decode, rp.asm)
+    assert seen[0].decode == "table" and torch.equal(seen[0].codes, rp.codes)
     torch.testing.assert_close(y, daq_linear_reference(x, q, s, b, cb.tensor(), 4, 64, bias), rtol=1e-4, atol=1e-4)
 
 

@@ -1,6 +1,5 @@
 """Every Triton path against the torch reference, under TRITON_INTERPRET=1 on CPU tensors."""
 
-import os
 
 import pytest
 import torch
@@ -19,24 +18,6 @@ except ImportError:
 
 FORMATS = ["fp4_e2m1", "nf4", "fp3_e2m0", "int3"]
 N, K = 40, 200  # neither is a multiple of the block sizes; K % g leaves a partial group for g = 64, 128
-
-
-@pytest.fixture(scope="module")
-def tg():
-    """The kernels module; conftest.py turned the interpreter on before triton was imported."""
-    require(HAVE_TRITON, "triton is not installed")
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    from daq_vllm.kernels import triton_gemm
-
-    return triton_gemm
-
-
-@pytest.fixture
-def poisoned(tg, monkeypatch):
-    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(tg, "_new_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-    return tg
 
 
 def e2m1(cb) -> bool:

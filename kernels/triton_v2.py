@@ -1,0 +1,216 @@
+"""v2 Triton kernels: the weights as the left `tl.dot` operand (`mma`) and a decode-once GEMV (`gemv2`).
+
+Both read the layout of `triton_v2_layout` (made once in `prepare()`) and compute
+`y = x @ W_hat^T (+ bias)`. Per K step of 128 codes a program decodes a [BN, 128] weight tile
+(stored order), undoes the K permutation with a reshape/permute (register renaming when
+compiled), applies scale and offset per group, and then:
+
+- `mma`: `acc[BN, BM] = tl.dot(w, x^T, acc)`, stored transposed. With W on the left, Hopper's
+  wgmma reads the decoded tile from registers; on the right (the v1 `gemm`) it is written to
+  shared memory first. Split-K programs add fp32 partial sums into a zeroed fp32 workspace,
+  whatever the activation dtype, then one cast.
+- `gemv2` (M <= 4): CUDA-core products of the decoded tile with every row of x, so all rows share
+  one decode (the v1 `gemv` decodes once per row).
+
+The decode is PTX on whole 32-bit words (`triton_v2_decode`, `ASM` constexpr, fp16 activations
+of 4-bit layers on CUDA) or plain `tl` (bf16 and fp32 activations, 3-bit layers, and the Triton
+interpreter, which cannot run inline asm); both give the same fp16 weights for fp16 models.
+The tuner in `triton_gemm` measures these paths beside the v1 ones and keeps whichever is
+faster per shape. Research notes: `shared/research/kernels-v2.md` sections 3.2-3.4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_v2_decode import FMA_F16X2
+from .triton_v2_layout import SHUFFLE, RepackedWeights
+
+GEMV2_MAX_M = 4
+_FMA_F16X2 = tl.constexpr(FMA_F16X2)  # a global a jit function may read
+
+
+@triton.jit
+def _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stored-order codes [BLOCK_N, 128] of the step at k0, gathered byte by byte (any bit width)."""
+    p = tl.arange(0, 128)
+    row = q_ptr + offs_n[:, None] * stride_qn
+    if BITS == 4:
+        byte = tl.load(row + (k0 // 2 + p // 2)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        code = (byte >> ((p % 2) * 4)[None, :]) & 15
+    else:
+        low = tl.load(row + (k0 // 4 + p // 4)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        high = tl.load(row + (KP // 4 + k0 // 8 + p // 8)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        code = ((low >> ((p % 4) * 2)[None, :]) & 3) | (((high >> (p % 8)[None, :]) & 1) << 2)
+    return code
+
+
+@triton.jit
+def _unpermute(w, BLOCK_N: tl.constexpr):
+    """Stored order p = 32t + 4j + 2h + e -> logical k = 16j + 8h + 2t + e, per row of a [BLOCK_N, 128] tile."""
+    return tl.reshape(tl.permute(tl.reshape(w, (BLOCK_N, 4, 8, 2, 2)), (0, 2, 3, 1, 4)), (BLOCK_N, 128))
+
+
+@triton.jit
+def _group_params(s_ptr, b_ptr, offs_n, nmask, k0, N, GROUP: tl.constexpr):
+    """Scale and offset [BLOCK_N, NG] of the NG groups in the step at k0 (layout [groups, N])."""
+    NG: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    gi = (k0 + tl.arange(0, NG) * (128 // NG)) // GROUP
+    ptr = gi[None, :] * N + offs_n[:, None]
+    s = tl.load(s_ptr + ptr, mask=nmask[:, None], other=0.0)
+    b = tl.load(b_ptr + ptr, mask=nmask[:, None], other=0.0)
+    return s, b
+
+
+@triton.jit
+def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn,
+             BITS: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr, ASM: tl.constexpr,
+             OUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The decoded weight tile W_hat[offs_n, k0:k0+128] in logical order, dtype OUT."""
+    NG: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+    s, b = _group_params(s_ptr, b_ptr, offs_n, nmask, k0, N, GROUP)
+    if ASM != "":  # fp16, 4-bit: whole words through PTX, then one packed FMA per pair
+        qb = tl.load(q_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + tl.arange(0, 64))[None, :],
+                     mask=nmask[:, None], other=0, eviction_policy="evict_first")
+        even, odd = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [qb], dtype=(tl.float16, tl.float16),
+                                              is_pure=True, pack=4)
+        w = _unpermute(tl.reshape(tl.join(even, odd), (BLOCK_N, 128)), BLOCK_N)
+        s16 = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
+        b16 = tl.reshape(tl.broadcast_to(b[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
+        w = tl.inline_asm_elementwise(_FMA_F16X2, "=r,r,r,r", [w, s16, b16], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        code = _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS, BLOCK_N)
+        if DECODE == "e2m1":  # the fp16 pattern of (code & 7) is the value / 2**14 (folded into s)
+            v = (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        elif DECODE == "int":
+            v = code.to(tl.float32)
+        else:
+            v = tl.load(cb_ptr + code)
+        v = tl.reshape(_unpermute(v, BLOCK_N), (BLOCK_N, NG, 128 // NG))
+        w = v * s.to(tl.float32)[:, :, None] + b.to(tl.float32)[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, 128)).to(OUT)
+    return w
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_m, k0, M, K, stride_xm):
+    """Activations [rows, 128] of the step at k0, zero past M and K (kept in L2: every N tile reads them)."""
+    offs_k = k0 + tl.arange(0, 128)
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                   mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _store_t(y_ptr, bias_ptr, acc, offs_n, offs_m, M, N, stride_ym, split, HAS_BIAS: tl.constexpr,
+             SPLIT_K: tl.constexpr):
+    """acc [BN, BM] -> y[offs_m, offs_n] (transposed); split-K adds into an fp32 workspace."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[:, None]
+    ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _mma_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, KP, STEPS_PER_SPLIT,
+                stride_xm, stride_qn, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr, ASM: tl.constexpr,
+                UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask = offs_n < N
+    k_start = split * STEPS_PER_SPLIT * 128
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * 128, KP), 128):
+        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE, ASM,
+                     x_ptr.dtype.element_ty, BLOCK_N)
+        x = _x_tile(x_ptr, offs_m, k0, M, K, stride_xm)
+        if UPCAST:  # the interpreter's half-precision tl.dot is wrong
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    _store_t(y_ptr, bias_ptr, acc, offs_n, offs_m, M, N, stride_ym, split, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _gemv2_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, KP, STEPS_PER_SPLIT,
+                  stride_xm, stride_qn, stride_ym,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr, ASM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, ROWS)
+    nmask = offs_n < N
+    k_start = split * STEPS_PER_SPLIT * 128
+    acc = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * 128, KP), 128):
+        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE, ASM,
+                     x_ptr.dtype.element_ty, BLOCK_N)
+        x = _x_tile(x_ptr, offs_m, k0, M, K, stride_xm)
+        w = w.to(tl.float32)
+        for r in tl.static_range(ROWS):  # one [BN, 128] product live at a time
+            xr = tl.sum(tl.where(offs_m[:, None] == r, x.to(tl.float32), 0.0), axis=0)
+            acc += tl.where(offs_m[None, :] == r, tl.sum(w * xr[None, :], axis=1)[:, None], 0.0)
+    _store_t(y_ptr, bias_ptr, acc, offs_n, offs_m, M, N, stride_ym, split, HAS_BIAS, SPLIT_K)
+
+
+def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int) -> tuple[str, int, int, int]:
+    """(decode asm or "" for the plain decode, padded K, K steps per split, splits) for this call."""
+    kp = rp.codes.shape[1] * 8 // bits
+    steps = kp // SHUFFLE
+    per_split = triton.cdiv(steps, max(split_k, 1))
+    asm = rp.asm if x.is_cuda and x.dtype == torch.float16 else ""
+    return asm, kp, per_split, triton.cdiv(steps, per_split)
+
+
+def _output(m: int, n: int, splits: int, x: torch.Tensor, new_output) -> torch.Tensor:
+    if splits > 1:
+        return torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    return new_output((m, n), x.dtype, x.device)
+
+
+def mma_v2(x: torch.Tensor, rp: RepackedWeights, codebook: torch.Tensor, bits: int, group_size: int,
+           bias: torch.Tensor | None, block_m: int, block_n: int, split_k: int, num_warps: int, num_stages: int,
+           new_output, upcast: bool) -> torch.Tensor:
+    """Tensor-core path, x [M, K] -> [M, N] in x.dtype."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = rp.codes.shape[0]
+    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k)
+    y = _output(m, n, splits, x, new_output)
+    _mma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)](
+        x, rp.codes, rp.scales, rp.offsets, codebook, bias if bias is not None else y, y, m, n, k,
+        kp, per_split, x.stride(0), rp.codes.stride(0), y.stride(0),
+        BITS=bits, GROUP=group_size, DECODE=rp.decode, ASM=asm, UPCAST=upcast, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=splits, num_warps=num_warps, num_stages=num_stages)
+    return y.to(x.dtype) if splits > 1 else y
+
+
+def gemv_v2(x: torch.Tensor, rp: RepackedWeights, codebook: torch.Tensor, bits: int, group_size: int,
+            bias: torch.Tensor | None, block_n: int, split_k: int, num_warps: int, num_stages: int,
+            new_output) -> torch.Tensor:
+    """Decode-once GEMV, x [M <= 4, K] -> [M, N] in x.dtype."""
+    x = x.contiguous()
+    m, k = x.shape
+    if m > GEMV2_MAX_M:
+        raise ValueError(f"gemv2 handles M <= {GEMV2_MAX_M}, got {m}")
+    n = rp.codes.shape[0]
+    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k)
+    y = _output(m, n, splits, x, new_output)
+    _gemv2_kernel[(triton.cdiv(n, block_n), splits)](
+        x, rp.codes, rp.scales, rp.offsets, codebook, bias if bias is not None else y, y, m, n, k,
+        kp, per_split, x.stride(0), rp.codes.stride(0), y.stride(0),
+        BITS=bits, GROUP=group_size, DECODE=rp.decode, ASM=asm, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, ROWS=triton.next_power_of_2(m), SPLIT_K=splits, num_warps=num_warps, num_stages=num_stages)
+    return y.to(x.dtype) if splits > 1 else y

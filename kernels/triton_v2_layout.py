@@ -1,0 +1,122 @@
+"""The v2 Triton kernels' weight layout, made once per layer in `prepare()` (pure torch, any device).
+
+The checkpoint layout (docs/FORMAT.md: one little-endian code stream per row, scales and offsets
+[N, groups]) does not change; this is a copy the v2 kernels (`triton_v2`) read faster:
+
+- **K permuted within every block of 128 codes** (logical `k = 16j + 8h + 2t + e`, stored
+  `p = 32t + 4j + 2h + e`; t < 4, j < 8, h, e < 2). A Hopper wgmma with the weights as its
+  register operand gives each thread, per row, the 32 values with one t: after the permutation
+  they are 16 contiguous bytes, one vector load. The kernels undo the permutation with a
+  reshape/permute of the decoded tile, which compiles to register renaming. K is padded to a
+  multiple of 128 with code 0 (the activations are zero there).
+- **4-bit codes as bytes** `[N, Kp/2]` (stored code p in the low nibble when p is even), so a
+  32-bit word holds 8 codes that decode together. **3-bit codes as two planes** per row, a 2-bit
+  plane `[Kp/4]` then a 1-bit plane `[Kp/8]` (no code straddles a byte; 3/8 byte per code, as
+  in the checkpoint).
+- **Scales and offsets as `[groups, N]`**, contiguous along N: a tile's per-group parameters are
+  one coalesced load. Padded groups get scale and offset 0.
+- **E2M1 folded**: the bit decode yields `value * 2**-14` (an exact fp16 pattern), so its scale is
+  stored times 2**14 when that stays in fp16 range; otherwise the layer decodes through the table.
+
+Research notes with sources: `shared/research/kernels-v2.md` section 3.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from daq_vllm.format.codebooks import decode_kind
+
+from .packing import unpack_codes
+from .triton_v2_decode import decode_asm
+
+SHUFFLE = 128  # codes per permutation block; also every kernel's K step
+E2M1_FOLD = 2.0**14  # the E2M1 bit decode's values are the code's value times 2**-14
+FP16_MAX = 65504.0
+
+
+def v2_unsupported(bits: int, group_size: int) -> str | None:
+    """Why the v2 layout cannot hold this format, or None: 3/4-bit codes, groups that tile 128."""
+    if bits not in (3, 4):
+        return f"{bits}-bit codes (the v2 layout holds 3- and 4-bit codes)"
+    if not (SHUFFLE % group_size == 0 or group_size % SHUFFLE == 0) or group_size < 16:
+        return f"group size {group_size} (the v2 kernels need a divisor of 128 from 16, or a multiple of 128)"
+    return None
+
+
+def padded_k(k: int) -> int:
+    return -(-k // SHUFFLE) * SHUFFLE
+
+
+def permute_k(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, Kp] in logical order -> stored order (the permutation in the module docstring)."""
+    n, kp = codes.shape
+    return codes.view(n, kp // SHUFFLE, 8, 2, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(n, kp)
+
+
+def unpermute_k(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of `permute_k` (what the kernels do to a decoded tile)."""
+    n, kp = stored.shape
+    return stored.view(n, kp // SHUFFLE, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(n, kp)
+
+
+def pack_stored(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored-order codes [N, Kp] -> uint8 [N, Kp * bits / 8] (bytes, or the 2-bit + 1-bit planes)."""
+    c = stored.to(torch.int32)
+    n, kp = c.shape
+    if bits == 4:
+        pairs = c.view(n, kp // 2, 2)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    low = (c & 3).view(n, kp // 4, 4) << torch.arange(0, 8, 2, device=c.device, dtype=torch.int32)
+    high = (c >> 2).view(n, kp // 8, 8) << torch.arange(8, device=c.device, dtype=torch.int32)
+    return torch.cat([low.sum(-1), high.sum(-1)], dim=1).to(torch.uint8)
+
+
+def unpack_stored(packed: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """Inverse of `pack_stored`: uint8 -> stored-order int64 codes [N, Kp]."""
+    p = packed.to(torch.int64)
+    n = p.shape[0]
+    if bits == 4:
+        return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, kp)
+    low = (p[:, : kp // 4, None] >> torch.arange(0, 8, 2, device=p.device)) & 3
+    high = (p[:, kp // 4:, None] >> torch.arange(8, device=p.device)) & 1
+    return low.reshape(n, kp) | (high.reshape(n, kp) << 2)
+
+
+@dataclass
+class RepackedWeights:
+    """One linear in the v2 layout; `decode` is how its kernels turn a code into a value."""
+
+    codes: torch.Tensor  # uint8 [N, Kp * bits / 8]
+    scales: torch.Tensor  # fp16 [groups of Kp, N] (times 2**14 when decode == "e2m1")
+    offsets: torch.Tensor  # fp16 [groups of Kp, N]
+    decode: str  # "e2m1" | "int" | "table"
+    asm: str  # the fp16 decode of a 4-bit layer in PTX (`triton_v2_decode`), "" for 3-bit
+
+
+def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, codebook: tuple[float, ...],
+           bits: int, group_size: int, in_features: int) -> RepackedWeights:
+    """The v2 layout of a checkpoint linear (the checkpoint tensors are left as they are)."""
+    why = v2_unsupported(bits, group_size)
+    if why:
+        raise ValueError(f"the v2 Triton layout does not hold {why}")
+    kp = padded_k(in_features)
+    codes = unpack_codes(qweight, bits, in_features)
+    codes = torch.nn.functional.pad(codes, (0, kp - in_features))
+    groups = -(-kp // group_size)
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:
+        t = torch.nn.functional.pad(t.float(), (0, groups - t.shape[1]))
+        return t.t().contiguous()
+
+    s, b = by_group(scales), by_group(offsets)
+    decode = decode_kind(codebook)
+    if decode == "e2m1":
+        if (s.abs() * E2M1_FOLD).max() <= FP16_MAX:
+            s = s * E2M1_FOLD
+        else:
+            decode = "table"
+    asm = decode_asm(decode, codebook) if bits == 4 else ""
+    return RepackedWeights(pack_stored(permute_k(codes), bits), s.half(), b.half(), decode, asm)

@@ -1,0 +1,83 @@
+"""A tiny PTX simulator for the decode asm of kernels/triton_v2_decode.py (numpy, vectorized over words).
+
+Executes exactly the instructions those texts use (mov, prmt in its default mode, shifts, bit
+logic, mul.lo, and the packed fp16 sub/fma), so the asm is checked bit for bit on a CPU, where
+neither a GPU nor the Triton interpreter can run it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+U32 = np.uint32
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """prmt.b32 default mode: result byte i = byte sel_i & 7 of the 8-byte pool {b, a}, sign-replicated if sel_i & 8."""
+    pool = [(a >> U32(8 * i)) & U32(0xFF) for i in range(4)] + [(b >> U32(8 * i)) & U32(0xFF) for i in range(4)]
+    pool = np.stack(pool)  # [8, words]
+    out = np.zeros_like(a)
+    for i in range(4):
+        sel = (c >> U32(4 * i)) & U32(0xF)
+        byte = np.take_along_axis(pool, (sel & U32(7)).astype(np.int64)[None], 0)[0]
+        byte = np.where(sel & U32(8), np.where(byte & U32(0x80), U32(0xFF), U32(0)), byte)
+        out |= byte << U32(8 * i)
+    return out
+
+
+def _halves(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return ((x & U32(0xFFFF)).astype(np.uint16).view(np.float16),
+            (x >> U32(16)).astype(np.uint16).view(np.float16))
+
+
+def _join(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    bits = [v.astype(np.float16).view(np.uint16).astype(U32) for v in (lo, hi)]
+    return bits[0] | (bits[1] << U32(16))
+
+
+def _f16x2(op, *xs: np.ndarray) -> np.ndarray:
+    """A packed fp16 op computed in float64 and rounded once (exact products and sums of fp16 fit)."""
+    lows, highs = zip(*(_halves(x) for x in xs))
+    return _join(op(*(v.astype(np.float64) for v in lows)), op(*(v.astype(np.float64) for v in highs)))
+
+
+_OPS = {
+    "mov.b32": lambda a: a,
+    "prmt.b32": _prmt,
+    "shl.b32": lambda a, b: (a << (b & U32(31))) if int(b.max()) < 32 else U32(0) * a,
+    "shr.b32": lambda a, b: a >> b,
+    "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b,
+    "xor.b32": lambda a, b: a ^ b,
+    "mul.lo.u32": lambda a, b: (a.astype(np.uint64) * b.astype(np.uint64) & 0xFFFFFFFF).astype(U32),
+    "sub.f16x2": lambda a, b: _f16x2(lambda x, y: x - y, a, b),
+    "fma.rn.f16x2": lambda a, b, c: _f16x2(lambda x, y, z: x * y + z, a, b, c),
+}
+
+
+def run(asm: str, inputs: list[np.ndarray], n_outputs: int) -> list[np.ndarray]:
+    """Run `asm` with $0..$(n_outputs-1) as outputs and the following $ as the uint32 `inputs`."""
+    regs: dict[str, np.ndarray] = {f"${n_outputs + i}": x.astype(U32) for i, x in enumerate(inputs)}
+    shape = inputs[0].shape
+    for stmt in asm.replace("{", ";").replace("}", ";").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        if op not in _OPS:
+            raise NotImplementedError(f"the PTX simulator has no {op!r}")
+        dst, *args = [a.strip() for a in rest.split(",")]
+        vals = [regs[a] if not re.fullmatch(r"0x[0-9A-Fa-f]+|\d+", a) else np.full(shape, int(a, 0), dtype=U32)
+                for a in args]
+        regs[dst] = _OPS[op](*vals).astype(U32)
+    return [regs[f"${i}"] for i in range(n_outputs)]
+
+
+def decode_words(asm: str, words: np.ndarray) -> np.ndarray:
+    """The decode asm on uint32 words -> fp16 values [words, 8] in stored code order (nibble order)."""
+    r0, r1, r2, r3 = run(asm, [words], 4)
+    even = np.stack([*_halves(r0), *_halves(r1)], axis=-1)  # codes of the low nibbles of bytes 0..3
+    odd = np.stack([*_halves(r2), *_halves(r3)], axis=-1)
+    return np.stack([even, odd], axis=-1).reshape(len(words), 8)
