@@ -4,7 +4,10 @@ For the linear shapes of Llama-2-7B and Llama-3-8B (qkv, o, gate_up, down) and M
 {1, ..., 4096}: median times (`triton.testing.do_bench`) on fresh random data, speed-up over
 fp16 `torch.nn.functional.linear` (cuBLAS), PyTorch's `_weight_int4pack_mm` (int4, g128) as the
 int4 anchor, and the achieved memory bandwidth against the measured copy bandwidth.
-Writes benchmarks/results/kernels-<gpu>.md and .json.
+Writes benchmarks/results/kernels-<gpu>.md and .json. Each layer carries the v2 layout
+(`triton_v2_layout.repack`, as `prepare()` makes it), so the tuner measures the v1 and v2 paths
+and the results record which config each shape chose; `--write-configs` ships those choices as
+kernels/configs/<gpu>.json. `benchmarks/gpu_check.sh` is the one prepared GPU run.
 
     python benchmarks/kernel_bench.py            # on a CUDA GPU
     python benchmarks/kernel_bench.py --smoke    # CPU, Triton interpreter, one tiny shape
@@ -31,6 +34,7 @@ from common import RESULTS, random_daq, write_results  # noqa: E402
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
 from daq_vllm.kernels import dequantize, pack_codes  # noqa: E402
+from daq_vllm.kernels.triton_v2_layout import repack  # noqa: E402
 
 SHAPES = {  # (N, K) of each linear (qkv and gate_up fused, as vLLM runs them)
     "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
@@ -77,38 +81,45 @@ def graph_ms(fn) -> float:
     return do_bench(graph.replay, return_mode="median")
 
 
-def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
-    """Times per (shape, M); `save(result)` after each shape, so a cut-off run keeps what it measured."""
+def bench_gpu(fmt: str, dtype: torch.dtype, shapes: dict, ms_list: list[int], save, deadline: float) -> dict:
+    """Times per (shape, M) with activations (and the fp16 baseline) in `dtype`; `save(result)` after
+    each shape, so a cut-off run keeps what it measured. Stops adding shapes after `deadline`."""
     from triton.testing import do_bench
 
     from daq_vllm.kernels import triton_gemm
 
     device = "cuda"
+    dname = str(dtype).removeprefix("torch.")
     result = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
-              "torch": torch.__version__, "copy_gbs": copy_bandwidth_gbs(device), "format": fmt, "rows": [],
-              "tuned": []}
+              "torch": torch.__version__, "copy_gbs": copy_bandwidth_gbs(device), "format": fmt, "dtype": dname,
+              "rows": [], "tuned": [], "cut_short": False}
     rows = result["rows"]
     for model, layers in shapes.items():
         for name, (n, k) in layers.items():
+            if time.monotonic() > deadline:
+                result["cut_short"] = True
+                print(f"{fmt} {dname}: time budget spent, stopping before {model} {name}", flush=True)
+                return result
             cb = get_codebook(fmt)
             q, s, b = random_daq(n, k, cb.bits, GROUP, device)
+            rp = repack(q, s, b, cb.values, cb.bits, GROUP, k)
             cbt = cb.tensor(device)
             e2m1 = decode_kind(cb.values) == "e2m1"
-            w16 = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
+            w16 = torch.randn(n, k, device=device, dtype=dtype) * 0.02
             anchor, why = int4_anchor(n, k, device)
             weight_bytes = q.numel() * 4 + s.numel() * 2 + b.numel() * 2
             for m in ms_list:
-                x = torch.randn(m, k, device=device, dtype=torch.float16)
+                x = torch.randn(m, k, device=device, dtype=dtype)
                 xb = x.bfloat16()
 
                 def ours():
-                    return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP, e2m1)
+                    return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
 
                 t_daq = graph_ms(ours)
                 t_eager = do_bench(ours, return_mode="median")
                 t_fp16 = graph_ms(lambda: torch.nn.functional.linear(x, w16))
                 t_int4 = graph_ms(lambda: anchor(xb)) if anchor else None
-                cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None)
+                cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
                 moved = weight_bytes + 2 * m * (k + n)
                 rows.append({
                     "model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
@@ -117,8 +128,8 @@ def bench_gpu(fmt: str, shapes: dict, ms_list: list[int], save) -> dict:
                     "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
                     "daq_gbs": moved / (t_daq * 1e-3) / 1e9,
                 })
-                print(f"{fmt} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
-                      f"fp16 {t_fp16 * 1e3:.1f} us, "
+                print(f"{fmt} {dname} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
+                      f"{dname} {t_fp16 * 1e3:.1f} us, "
                       f"int4 {t_int4 * 1e3 if t_int4 else float('nan'):.1f} us, x{t_fp16 / t_daq:.2f}", flush=True)
             result["tuned"] = triton_gemm.tuned_configs()
             save(result)
@@ -137,6 +148,12 @@ def check_gpu() -> dict:
              (64, tg.KernelConfig("gemm", block_m=64, block_n=128, num_warps=4, num_stages=2)),
              (300, tg.KernelConfig("gemm", block_m=128, block_n=64, num_warps=8, num_stages=3)),
              (300, tg.KernelConfig("dequant"))]
+    paths += [(1, tg.KernelConfig("gemv2", block_n=32, split_k=1)),
+              (3, tg.KernelConfig("gemv2", block_n=64, split_k=4)),
+              (1, tg.KernelConfig("mma", block_m=16, block_n=64, split_k=4, num_stages=3)),
+              (16, tg.KernelConfig("mma", block_m=16, block_n=128, split_k=1, num_stages=3)),
+              (64, tg.KernelConfig("mma", block_m=64, block_n=64, split_k=2, num_stages=3)),
+              (300, tg.KernelConfig("mma", block_m=128, block_n=128, num_warps=8, num_stages=2))]
     rows, worst = [], 0.0
     cases = [(fmt, g, torch.float16) for fmt in ("fp4_e2m1", "nf4", "int4", "fp3_e2m0", "int3") for g in (32, 64, 128)]
     cases += [(fmt, 64, torch.bfloat16) for fmt in ("fp4_e2m1", "nf4", "fp3_e2m0")]
@@ -147,14 +164,15 @@ def check_gpu() -> dict:
         s = (torch.rand(n, groups, device="cuda") * 0.05 + 0.01).half()
         b = (torch.randn(n, groups, device="cuda") * 0.02).half()
         q = pack_codes(codes, cb.bits)
+        rp = repack(q, s, b, cb.values, cb.bits, g, k)
         w = dequantize(q, s, b, cb.tensor("cuda"), cb.bits, g, k).to(dtype).float()
         bias = torch.randn(n, device="cuda").to(dtype)
         for m, cfg in paths:
             x = torch.randn(m, k, device="cuda").to(dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             try:
-                y = tg._PATHS[cfg.path](x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
-                                        bias, cfg)
+                y = tg.run_path(cfg, x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
+                                bias, rp)
                 ref = x.float() @ w.T + bias.float()
                 err = float("inf") if torch.isnan(y).any() else ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 note = ""
@@ -171,19 +189,22 @@ def check_gpu() -> dict:
 
 
 def smoke(fmt: str) -> dict:
-    """Tiny shape under the interpreter: correctness of each path (with its GPU default config)."""
-    from daq_vllm.kernels.triton_gemm import _PATHS, DEQUANT_MIN_M, default_config
+    """Tiny shape under the interpreter: correctness of each path (v1 with its GPU default config, and
+    the first v2 candidate of its M bucket)."""
+    from daq_vllm.kernels.triton_gemm import DEQUANT_MIN_M, default_config, run_path, v2_candidate_configs
 
     n, k = 64, 160
     cb = get_codebook(fmt)
     q, s, b = random_daq(n, k, cb.bits, GROUP)
+    rp = repack(q, s, b, cb.values, cb.bits, GROUP, k)
     w = dequantize(q, s, b, cb.tensor(), cb.bits, GROUP, k).half().float()
     rows = []
-    for m in (1, 16, DEQUANT_MIN_M + 6):  # gemv, gemm, dequantize + matmul
-        cfg = default_config(m, n, k, cuda=True)
+    runs = [(m, default_config(m, n, k, cuda=True)) for m in (1, 16, DEQUANT_MIN_M + 6)]  # gemv, gemm, dequant
+    runs += [(m, v2_candidate_configs(m)[0]) for m in (1, 16)]  # gemv2, mma
+    for m, cfg in runs:
         x = torch.randn(m, k).half()
         t0 = time.perf_counter()
-        y = _PATHS[cfg.path](x, q, s, b, cb.tensor(), cb.bits, GROUP, decode_kind(cb.values) == "e2m1", None, cfg)
+        y = run_path(cfg, x, q, s, b, cb.tensor(), cb.bits, GROUP, decode_kind(cb.values) == "e2m1", None, rp)
         seconds = time.perf_counter() - t0
         err = ((y.float() - x.float() @ w.T).abs().max() / (x.float() @ w.T).abs().max()).item()
         if not err < 1e-2:
@@ -237,12 +258,15 @@ def markdown_gpu(result: dict) -> str:
         lines += ["## GPU correctness", "",
                   f"{check['cases'] - len(check['failed'])}/{check['cases']} cases "
                   "(5 formats x g32/64/128 in fp16, 3 formats "
-                  "at g64 in bf16, x 6 paths; N = K = 1000, outputs poisoned with NaN) within tolerance of the torch "
+                  "at g64 in bf16, x 12 path configs, v1 and v2; N = K = 1000, outputs poisoned with NaN) within "
+                  "tolerance of the torch "
                   f"reference (worst error / tolerance {check['worst_err_over_tol']:.2f}).", ""]
         lines += [f"- FAIL {r}" for r in check["failed"]] + ([""] if check["failed"] else [])
-    for fmt, bench in result["formats"].items():
-        lines += [f"## {fmt}", "",
-                  "Goals: M=1 >= 3.0x fp16, M=16 >= 2.5x, M >= 256 >= 0.9x, M <= 16 at least the int4 kernel.", ""]
+    for run, bench in result["formats"].items():
+        lines += [f"## {run}" + (" (cut short by the time budget)" if bench.get("cut_short") else ""), "",
+                  "Goals (issue 13, fp4_e2m1 g128 fp16, median over the 8 shapes): M=1 >= 2.6x fp16 and >= 1.0x the "
+                  "int4 kernel; M=16 >= 2.0x; M=64 >= 1.3x; M=256 >= 0.9x; M >= 1024 >= 0.95x. The baseline is "
+                  f"{bench.get('dtype', 'float16')} cuBLAS.", ""]
         lines += summary(bench["rows"]) + [""]
         lines += markdown(bench, False).splitlines()[2:] + [""]
     return "\n".join(lines) + "\n"
@@ -268,6 +292,13 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=MS, help="batch sizes M")
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--check", action="store_true", help="GPU: also check every path against the reference first")
+    ap.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16"],
+                    help="activation dtypes (the baseline is cuBLAS in the same dtype)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="stop starting new shapes after this many seconds (results so far are kept)")
+    ap.add_argument("--tag", default="", help="results file kernels-<gpu>-<tag> (several runs side by side)")
+    ap.add_argument("--write-configs", action="store_true",
+                    help="ship the tuner's choices as kernels/configs/<gpu>.json (read before tuning at run time)")
     ap.add_argument("--results", type=Path, default=None,
                     help=f"where the results files go (default: {RESULTS.relative_to(RESULTS.parent.parent)} "
                          "for GPU runs; a smoke run writes files only when given this)")
@@ -280,18 +311,26 @@ def main() -> None:
     args.results = args.results or RESULTS
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench.py needs a CUDA GPU; use --smoke on CPU")
+    from daq_vllm.kernels import triton_gemm
+
+    deadline = time.monotonic() + args.budget_s
     result = {"device": torch.cuda.get_device_name(), "formats": {}}
     if args.check:
         result["check"] = check_gpu()
-    gpu = result["device"].lower().replace(" ", "-")
+    gpu = triton_gemm.gpu_slug(result["device"])
     shapes = {m: SHAPES[m] for m in args.models}
 
     def save(bench: dict) -> None:
-        result["formats"][bench["format"]] = bench
-        write_results(f"kernels-{gpu}", result, markdown_gpu(result), args.results)
+        name = bench["format"] if bench["dtype"] == "float16" else f"{bench['format']} {bench['dtype']}"
+        result["formats"][name] = bench
+        write_results(f"kernels-{gpu}" + (f"-{args.tag}" if args.tag else ""), result, markdown_gpu(result),
+                      args.results)
+        if args.write_configs:
+            triton_gemm.save_configs(triton_gemm.CONFIGS_DIR / f"{gpu}.json", result["device"])
 
-    for fmt in args.formats:
-        save(bench_gpu(fmt, shapes, args.ms, save))
+    for dtype in args.dtypes:
+        for fmt in args.formats:
+            save(bench_gpu(fmt, getattr(torch, dtype), shapes, args.ms, save, deadline))
 
 
 if __name__ == "__main__":

@@ -458,8 +458,12 @@ def load_configs(path: Path) -> dict[str, KernelConfig]:
 
 
 def save_configs(path: Path, device: str) -> None:
-    """Write every configuration tuned so far (with its time) as the shipped configs of `device`."""
-    rows = [{"key": _key_text(key), "config": asdict(cfg), "ms": ms} for key, (cfg, ms) in sorted(_TUNED.items())]
+    """Add every configuration tuned so far (with its time) to the shipped configs of `device`
+    (keys tuned in this process replace the file's)."""
+    old = json.loads(path.read_text())["configs"] if path.exists() else []
+    new = {_key_text(key): {"key": _key_text(key), "config": asdict(cfg), "ms": ms} for key, (cfg, ms) in _TUNED.items()
+           if ms == ms}  # NaN: taken from a shipped file, not measured here
+    rows = [r for r in old if r["key"] not in new] + sorted(new.values(), key=lambda r: r["key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"device": device, "triton": triton.__version__, "configs": rows}, indent=1) + "\n")

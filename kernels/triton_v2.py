@@ -165,12 +165,17 @@ def _gemv2_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, 
     _store_t(y_ptr, bias_ptr, acc, offs_n, offs_m, M, N, stride_ym, split, HAS_BIAS, SPLIT_K)
 
 
+def asm_decode_applies(x: torch.Tensor) -> bool:
+    """Whether the PTX decode runs: fp16 activations on CUDA (the interpreter cannot run inline asm)."""
+    return x.is_cuda and x.dtype == torch.float16
+
+
 def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int) -> tuple[str, int, int, int]:
     """(decode asm or "" for the plain decode, padded K, K steps per split, splits) for this call."""
     kp = rp.codes.shape[1] * 8 // bits
     steps = kp // SHUFFLE
     per_split = triton.cdiv(steps, max(split_k, 1))
-    asm = rp.asm if x.is_cuda and x.dtype == torch.float16 else ""
+    asm = rp.asm if asm_decode_applies(x) else ""
     return asm, kp, per_split, triton.cdiv(steps, per_split)
 
 

@@ -81,3 +81,50 @@ def decode_words(asm: str, words: np.ndarray) -> np.ndarray:
     even = np.stack([*_halves(r0), *_halves(r1)], axis=-1)  # codes of the low nibbles of bytes 0..3
     odd = np.stack([*_halves(r2), *_halves(r3)], axis=-1)
     return np.stack([even, odd], axis=-1).reshape(len(words), 8)
+
+
+def _to_registers(data: np.ndarray, pack: int) -> list[np.ndarray]:
+    """Elements [..., L] -> the 32-bit registers of each group of `pack` consecutive elements (along the
+    last axis, low element in the low bits), one array [..., L / pack] per register."""
+    bits = data.itemsize * 8
+    raw = data.view(np.dtype(f"uint{bits}")).astype(np.uint64)
+    groups = raw.reshape(*raw.shape[:-1], raw.shape[-1] // pack, pack)
+    per_reg = 32 // bits
+    regs = []
+    for first in range(0, pack, per_reg):
+        word = np.zeros(groups.shape[:-1], dtype=np.uint64)
+        for i in range(min(per_reg, pack - first)):
+            word |= groups[..., first + i] << np.uint64(i * bits)
+        regs.append(word.astype(U32))
+    return regs
+
+
+def _from_registers(regs: list[np.ndarray], dtype: np.dtype, pack: int) -> np.ndarray:
+    """Inverse of `_to_registers`."""
+    bits = dtype.itemsize * 8
+    per_reg = 32 // bits
+    elems = [((regs[i // per_reg] >> U32((i % per_reg) * bits)) & U32((1 << bits) - 1)) for i in range(pack)]
+    out = np.stack(elems, axis=-1).astype(np.dtype(f"uint{bits}"))
+    return out.reshape(*out.shape[:-2], -1).view(dtype)
+
+
+def interpreter_inline_asm(builder, asm, constraints, values, types, is_pure, pack):
+    """`InterpreterBuilder.create_inline_asm` running the asm in this simulator: the Triton interpreter
+    then executes a kernel's asm path (decode, joins, permutes, packed FMA) on CPU tensors."""
+    from triton.runtime.interpreter import TensorHandle, _get_np_dtype
+
+    shape = tuple(types[0].shape)
+    inputs = [reg for v in values for reg in _to_registers(np.ascontiguousarray(np.broadcast_to(v.data, shape)), pack)]
+    out_dtypes = [np.dtype(_get_np_dtype(t.element_ty)) for t in types]
+    counts = [max(1, pack * d.itemsize * 8 // 32) for d in out_dtypes]
+    regs = run(asm, inputs, sum(counts))
+    results, first = [], 0
+    for dtype, count, ty in zip(out_dtypes, counts, types):
+        results.append(TensorHandle(_from_registers(regs[first:first + count], dtype, pack), ty.element_ty))
+        first += count
+
+    class _Call:
+        def get_result(self, i):
+            return results[i]
+
+    return _Call()

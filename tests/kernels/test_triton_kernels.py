@@ -141,6 +141,6 @@ def test_kernel_benchmark_smoke_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for path in ("gemv", "gemm", "dequant"):
+    for path in ("gemv", "gemm", "dequant", "gemv2", "mma"):
         assert f"({path}): rel err" in proc.stdout
     assert "Not measured on GPU" in (tmp_path / "kernels-smoke.md").read_text()

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from ptx_sim import decode_words, run
+from ptx_sim import decode_words, interpreter_inline_asm, run
 
 from daq_vllm.format import num_groups
 from daq_vllm.format.codebooks import get_codebook
@@ -156,6 +156,27 @@ def test_v2_paths_match_reference(poisoned, fmt, g, dtype):
     for m, cfg in runs:
         x = torch.randn(m, K).to(dtype)
         y = poisoned.run_path(poisoned.KernelConfig(**cfg), x, q, s, b, cb.tensor(), cb.bits, g, False, bias, rp)
+        check(y, x, q, s, b, cb, g, bias)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "int4"])
+@pytest.mark.parametrize("g", [32, 128])
+def test_asm_path_matches_reference_in_the_simulator(poisoned, monkeypatch, fmt, g):
+    """The fp16 4-bit path as it runs on CUDA: the interpreter executes its inline asm (decode and
+    packed FMA) through the PTX simulator, so the joins and the K un-permutation after the decode are
+    checked too. Its weights are fp16 `c * s + b` rounded once, as the reference's are."""
+    from triton.runtime import interpreter
+
+    from daq_vllm.kernels import triton_v2
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", interpreter_inline_asm)
+    monkeypatch.setattr(triton_v2, "asm_decode_applies", lambda x: x.dtype == torch.float16)
+    _, q, s, b, cb = weights(fmt, g, seed=7)
+    rp = repack(q, s, b, cb.values, 4, g, K)
+    bias = torch.randn(N).half()
+    for m, cfg in [(2, dict(path="gemv2", block_n=16, split_k=2)), (17, dict(path="mma", block_m=16, block_n=32))]:
+        x = torch.randn(m, K).half()
+        y = poisoned.run_path(poisoned.KernelConfig(**cfg), x, q, s, b, cb.tensor(), 4, g, False, bias, rp)
         check(y, x, q, s, b, cb, g, bias)
 
 
