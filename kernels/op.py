@@ -28,18 +28,19 @@ def _define() -> Callable[..., torch.Tensor]:
                    codebook: torch.Tensor, bits: int, group_size: int, e2m1: bool,
                    bias: torch.Tensor | None = None, v2_codes: torch.Tensor | None = None,
                    v2_scales: torch.Tensor | None = None, v2_offsets: torch.Tensor | None = None,
-                   v2_decode: str = "", v2_asm: str = "") -> torch.Tensor:
+                   v2_decode: str = "", v2_asm: str = "", v2_asm_bf16: str = "") -> torch.Tensor:
         """`x @ W_hat^T (+ bias)` through the Triton kernels (`triton_gemm.daq_linear_triton`); the
         `v2_*` arguments carry the layer's v2 layout (`triton_v2_layout.RepackedWeights`), if any."""
         from .triton_gemm import daq_linear_triton
         from .triton_v2_layout import RepackedWeights
 
-        repacked = None if v2_codes is None else RepackedWeights(v2_codes, v2_scales, v2_offsets, v2_decode, v2_asm)
+        repacked = None if v2_codes is None else RepackedWeights(v2_codes, v2_scales, v2_offsets, v2_decode, v2_asm,
+                                                                 v2_asm_bf16)
         return daq_linear_triton(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, repacked)
 
     @daq_linear.register_fake
     def _(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias=None, v2_codes=None, v2_scales=None,
-          v2_offsets=None, v2_decode="", v2_asm=""):
+          v2_offsets=None, v2_decode="", v2_asm="", v2_asm_bf16=""):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     return daq_linear

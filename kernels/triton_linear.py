@@ -41,17 +41,17 @@ class TritonKernel(LinearKernel):
         packed weights while both are candidates."""
         super().prepare(layer)
         s = self.spec
-        self.v2_decode = self.v2_asm = ""
+        self.v2_decode = self.v2_asm = self.v2_asm_bf16 = ""
         if v2_unsupported(s.bits, s.group_size) is not None:
             return
         rp = repack(layer.qweight, layer.scales, layer.offsets, s.codebook, s.bits, s.group_size, s.in_features)
         layer.register_buffer("v2_codes", rp.codes, persistent=False)
         layer.register_buffer("v2_scales", rp.scales, persistent=False)
         layer.register_buffer("v2_offsets", rp.offsets, persistent=False)
-        self.v2_decode, self.v2_asm = rp.decode, rp.asm
+        self.v2_decode, self.v2_asm, self.v2_asm_bf16 = rp.decode, rp.asm, rp.asm_bf16
 
     def apply(self, layer, x, bias=None):
         s = self.spec
         v2 = (layer.v2_codes, layer.v2_scales, layer.v2_offsets) if self.v2_decode else (None, None, None)
         return daq_linear_op(x, layer.qweight, layer.scales, layer.offsets, layer.codebook, s.bits, s.group_size,
-                             s.decode == "e2m1", bias, *v2, self.v2_decode, self.v2_asm)
+                             s.decode == "e2m1", bias, *v2, self.v2_decode, self.v2_asm, self.v2_asm_bf16)

@@ -12,11 +12,12 @@ compiled), applies scale and offset per group, and then:
 - `gemv2` (M <= 4): CUDA-core products of the decoded tile with every row of x, so all rows share
   one decode (the v1 `gemv` decodes once per row).
 
-The decode is PTX on whole 32-bit words (`triton_v2_decode`, `ASM` constexpr, fp16 activations
-of 4-bit layers on CUDA) or plain `tl` (bf16 and fp32 activations, 3-bit layers, and the Triton
-interpreter, which cannot run inline asm); both give the same fp16 weights for fp16 models.
-The tuner in `triton_gemm` measures these paths beside the v1 ones and keeps whichever is
-faster per shape. Research notes: `shared/research/kernels-v2.md` sections 3.2-3.4.
+The decode is PTX on whole 32-bit words (`triton_v2_decode`; `ASM` constexpr, fp16 and bf16
+activations on CUDA) followed by one packed FMA per pair in the activation dtype (for bf16 the
+fp16 scales and offsets are rounded to bf16 first), or plain `tl` in fp32 (fp32 activations, and
+the Triton interpreter, which cannot run inline asm; the tests run the asm paths there through a
+PTX simulator). The tuner in `triton_gemm` measures these paths beside the v1 ones and keeps
+whichever is faster per shape. Research notes: `shared/research/kernels-v2.md` sections 3.2-3.4.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_v2_decode import FMA_F16X2
+from .triton_v2_decode import FMA_BF16X2, FMA_F16X2
 from .triton_v2_layout import SHUFFLE, RepackedWeights
 
 GEMV2_MAX_M = 4
-_FMA_F16X2 = tl.constexpr(FMA_F16X2)  # a global a jit function may read
+_FMA_F16X2 = tl.constexpr(FMA_F16X2)  # globals a jit function may read
+_FMA_BF16X2 = tl.constexpr(FMA_BF16X2)
 
 
 @triton.jit
@@ -40,10 +42,17 @@ def _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS: tl.constexpr, BL
     if BITS == 4:
         byte = tl.load(row + (k0 // 2 + p // 2)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
         code = (byte >> ((p % 2) * 4)[None, :]) & 15
-    else:
-        low = tl.load(row + (k0 // 4 + p // 4)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-        high = tl.load(row + (KP // 4 + k0 // 8 + p // 8)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-        code = ((low >> ((p % 4) * 2)[None, :]) & 3) | (((high >> (p % 8)[None, :]) & 1) << 2)
+    else:  # the A/B/C words of `triton_v2_layout.three_bit_slots`, bit by bit
+        chunk = p // 32
+        j = (p % 32) // 8
+        m = p % 8
+        g = ((m & 1) << 2) | (m & 2) | (m >> 2)  # chunk_group
+        low_bit = 2 * (g % 2) + 16 * ((g // 2) % 2) + 4 * j
+        high_bit = 16 * (g // 4) + 4 * j + g % 4
+        block = row + (k0 // 128) * 48 + 4 * chunk
+        low = tl.load(block + ((g // 4) * 16 + low_bit // 8)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        high = tl.load(block + (32 + high_bit // 8)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        code = ((low >> (low_bit % 8)[None, :]) & 3) | (((high >> (high_bit % 8)[None, :]) & 1) << 2)
     return code
 
 
@@ -65,21 +74,37 @@ def _group_params(s_ptr, b_ptr, offs_n, nmask, k0, N, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn,
+def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, stride_qn,
              BITS: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr, ASM: tl.constexpr,
-             OUT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The decoded weight tile W_hat[offs_n, k0:k0+128] in logical order, dtype OUT."""
+             BLOCK_N: tl.constexpr):
+    """The decoded weight tile W_hat[offs_n, k0:k0+128] in logical order, in the activations' dtype."""
+    OUT = x_ptr.dtype.element_ty
     NG: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
     s, b = _group_params(s_ptr, b_ptr, offs_n, nmask, k0, N, GROUP)
-    if ASM != "":  # fp16, 4-bit: whole words through PTX, then one packed FMA per pair
-        qb = tl.load(q_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + tl.arange(0, 64))[None, :],
-                     mask=nmask[:, None], other=0, eviction_policy="evict_first")
-        even, odd = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [qb], dtype=(tl.float16, tl.float16),
-                                              is_pure=True, pack=4)
-        w = _unpermute(tl.reshape(tl.join(even, odd), (BLOCK_N, 128)), BLOCK_N)
-        s16 = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
-        b16 = tl.reshape(tl.broadcast_to(b[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
-        w = tl.inline_asm_elementwise(_FMA_F16X2, "=r,r,r,r", [w, s16, b16], dtype=tl.float16, is_pure=True, pack=2)
+    if ASM != "":  # whole words through PTX, then one packed FMA per pair
+        row = q_ptr + offs_n[:, None] * stride_qn
+        if BITS == 4:
+            qb = tl.load(row + (k0 // 2 + tl.arange(0, 64))[None, :], mask=nmask[:, None], other=0,
+                         eviction_policy="evict_first")
+            even, odd = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [qb], dtype=(OUT, OUT), is_pure=True, pack=4)
+            w = tl.reshape(tl.join(even, odd), (BLOCK_N, 128))
+        else:
+            block = row + (k0 // 128) * 48 + tl.arange(0, 16)[None, :]
+            a = tl.load(block, mask=nmask[:, None], other=0, eviction_policy="evict_first")
+            b_ = tl.load(block + 16, mask=nmask[:, None], other=0, eviction_policy="evict_first")
+            c = tl.load(block + 32, mask=nmask[:, None], other=0, eviction_policy="evict_first")
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [a, b_, c],
+                dtype=(OUT, OUT, OUT, OUT, OUT, OUT, OUT, OUT), is_pure=True, pack=4)
+            w = tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)), tl.join(tl.join(o4, o5), tl.join(o6, o7)))
+            w = tl.reshape(w, (BLOCK_N, 128))
+        w = _unpermute(w, BLOCK_N)
+        s16 = tl.reshape(tl.broadcast_to(s.to(OUT)[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
+        b16 = tl.reshape(tl.broadcast_to(b.to(OUT)[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
+        if OUT == tl.float16:
+            w = tl.inline_asm_elementwise(_FMA_F16X2, "=r,r,r,r", [w, s16, b16], dtype=OUT, is_pure=True, pack=2)
+        else:
+            w = tl.inline_asm_elementwise(_FMA_BF16X2, "=r,r,r,r", [w, s16, b16], dtype=OUT, is_pure=True, pack=2)
     else:
         code = _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS, BLOCK_N)
         if DECODE == "e2m1":  # the fp16 pattern of (code & 7) is the value / 2**14 (folded into s)
@@ -132,8 +157,8 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, KP
     k_start = split * STEPS_PER_SPLIT * 128
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * 128, KP), 128):
-        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE, ASM,
-                     x_ptr.dtype.element_ty, BLOCK_N)
+        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE,
+                     ASM, BLOCK_N)
         x = _x_tile(x_ptr, offs_m, k0, M, K, stride_xm)
         if UPCAST:  # the interpreter's half-precision tl.dot is wrong
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
@@ -155,8 +180,8 @@ def _gemv2_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, 
     k_start = split * STEPS_PER_SPLIT * 128
     acc = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * 128, KP), 128):
-        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE, ASM,
-                     x_ptr.dtype.element_ty, BLOCK_N)
+        w = _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, stride_qn, BITS, GROUP, DECODE,
+                     ASM, BLOCK_N)
         x = _x_tile(x_ptr, offs_m, k0, M, K, stride_xm)
         w = w.to(tl.float32)
         for r in tl.static_range(ROWS):  # one [BN, 128] product live at a time
@@ -166,8 +191,9 @@ def _gemv2_kernel(x_ptr, q_ptr, s_ptr, b_ptr, cb_ptr, bias_ptr, y_ptr, M, N, K, 
 
 
 def asm_decode_applies(x: torch.Tensor) -> bool:
-    """Whether the PTX decode runs: fp16 activations on CUDA (the interpreter cannot run inline asm)."""
-    return x.is_cuda and x.dtype == torch.float16
+    """Whether the PTX decode runs: fp16 or bf16 activations on CUDA (the interpreter cannot run
+    inline asm; fp32 activations take the plain decode)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int) -> tuple[str, int, int, int]:
@@ -175,7 +201,7 @@ def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int) 
     kp = rp.codes.shape[1] * 8 // bits
     steps = kp // SHUFFLE
     per_split = triton.cdiv(steps, max(split_k, 1))
-    asm = rp.asm if asm_decode_applies(x) else ""
+    asm = (rp.asm if x.dtype == torch.float16 else rp.asm_bf16) if asm_decode_applies(x) else ""
     return asm, kp, per_split, triton.cdiv(steps, per_split)
 
 

@@ -1,23 +1,27 @@
-"""PTX that decodes a 32-bit word of 8 stored 4-bit codes (4 bytes) into 8 fp16 values at once.
+"""PTX that decodes whole 32-bit words of stored codes (`triton_v2_layout`) into fp16 or bf16 values.
 
-Used by the v2 kernels (`triton_v2`) through `tl.inline_asm_elementwise(pack=4)`: each call takes
-4 bytes of the v2 layout (`triton_v2_layout`) and returns two fp16 tensors, the values of the low
-nibbles (even stored positions) and of the high nibbles (odd ones), in byte order, which
-`tl.join` interleaves back. No int-to-float conversion and no memory lookup (Hopper converts
-slowly and a per-code gather costs a load per weight): only bit operations and byte permutes.
+Used by the v2 kernels (`triton_v2`) through `tl.inline_asm_elementwise(pack=4)`. No int-to-float
+conversion and no memory lookup (Hopper converts slowly and a per-code gather costs a load per
+weight): only bit operations and byte permutes.
 
-- `e2m1`: sign, exponent and mantissa bits placed into an fp16 pattern worth `value * 2**-14`
-  exactly (the 2**14 is folded into the scale by the layout).
-- `int`: the code under the fp16 exponent of 1024 (`0x6400 | q` is exactly 1024 + q), minus 1024.
-- `table`: any 16-entry codebook (NF4 ...) as two byte tables (low and high bytes of the fp16
-  values) selected with `prmt`, whose 8-byte pool covers half a table per instruction; the code's
-  top bit picks the half through a byte mask. The table is written into the asm text, so each
-  codebook compiles once.
+4-bit layers: each call takes 4 bytes (8 codes) and returns two tensors, the values of the low
+nibbles (even stored positions) and of the high nibbles (odd ones), in byte order; `tl.join`
+interleaves them back.
+- `e2m1` (fp16): sign, exponent and mantissa bits placed into an fp16 pattern worth
+  `value * 2**-14` exactly (the 2**14 is folded into the scale by the layout).
+- `int` (fp16): the code under the fp16 exponent of 1024 (`0x6400 | q` is exactly 1024 + q), minus 1024.
+- `table` (any codebook; every 4-bit decode for bf16): the 16 values as two byte tables (low and
+  high bytes of their bit patterns) selected with `prmt`, whose 8-byte pool covers half a table
+  per instruction; the code's top bit picks the half through a byte mask.
+3-bit layers: each call takes words A, B and C of one 32-code chunk and returns 8 tensors; an
+8-entry table is exactly one `prmt` pool and a 3-bit code a valid selector nibble (FLUTE's
+observation), so each 4 codes cost two shifts, two masks, an or and four `prmt`.
 
-`FMA_F16X2` applies scale and offset with one packed `fma.rn.f16x2` per pair (Triton 3.6 turns
-`w * s + b` on fp16 tensors into scalar FMAs). The asm texts are data: tests/kernels/
-test_triton_v2.py executes them with a small PTX simulator on random words against the codebook,
-because the Triton interpreter cannot run inline asm.
+Tables are written into the asm text, so each codebook compiles once. `FMA_F16X2`/`FMA_BF16X2`
+apply scale and offset with one packed FMA per pair (Triton 3.6 turns `w * s + b` on fp16 tensors
+into scalar FMAs). The asm texts are data: tests/kernels/test_triton_v2.py executes them with a
+small PTX simulator, on random words and inside the interpreted kernels, because the Triton
+interpreter cannot run inline asm.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ shr.b32 t0, t0, 4; and.b32 $2, t0, 0x000F000F; or.b32 $2, $2, k; sub.f16x2 $2, $
 shr.b32 t1, t1, 4; and.b32 $3, t1, 0x000F000F; or.b32 $3, $3, k; sub.f16x2 $3, $3, k; }"""
 
 FMA_F16X2 = "fma.rn.f16x2 $0, $1, $2, $3;"
+FMA_BF16X2 = "fma.rn.bf16x2 $0, $1, $2, $3;"
 
 
 def _table_half(t: str, out0: str, out1: str) -> str:
@@ -51,28 +56,62 @@ prmt.b32 a, ha0, ha1, sel; prmt.b32 b, hb0, hb1, sel; xor.b32 b, b, a; and.b32 b
 prmt.b32 {out0}, lo, hi, 0x5140; prmt.b32 {out1}, lo, hi, 0x7362;"""
 
 
-def table_asm(values: tuple[float, ...]) -> str:
-    """Decode asm for a 16-entry codebook, its fp16 values written in as byte tables."""
+def _bit_patterns(values: tuple[float, ...], dtype: str) -> np.ndarray:
+    """uint32 bit patterns of `values` in fp16 or bf16 (bf16 rounded to nearest even)."""
+    if dtype == "float16":
+        return np.asarray(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
+    bits32 = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits32 + 0x7FFF + ((bits32 >> 16) & 1)) >> 16).astype(np.uint32)
+
+
+def _byte_tables(values: tuple[float, ...], dtype: str, names: tuple[str, ...]) -> str:
+    """`mov`s of the low-byte then high-byte tables of the values' bit patterns, 4 entries a register."""
+    patterns = _bit_patterns(values, dtype)
+    planes = [patterns & 0xFF, patterns >> 8]
+    words = [int(sum(int(b[i + j]) << (8 * j) for j in range(4))) for b in planes for i in range(0, len(values), 4)]
+    return " ".join(f"mov.b32 {name}, 0x{w:08X};" for name, w in zip(names, words))
+
+
+def table_asm(values: tuple[float, ...], dtype: str = "float16") -> str:
+    """Decode asm for a 16-entry codebook (4-bit), its values written in as byte tables."""
     if len(values) != 16:
-        raise ValueError(f"the table decode needs 16 codebook values, got {len(values)}")
-    half = np.asarray(values, dtype=np.float16).view(np.uint16).astype(np.uint32)
-    lo, hi = half & 0xFF, half >> 8
-
-    def word(b: np.ndarray, first: int) -> str:
-        return f"0x{int(b[first] | b[first + 1] << 8 | b[first + 2] << 16 | b[first + 3] << 24):08X}"
-
-    tables = [("la0", lo, 0), ("la1", lo, 4), ("lb0", lo, 8), ("lb1", lo, 12),
-              ("ha0", hi, 0), ("ha1", hi, 4), ("hb0", hi, 8), ("hb1", hi, 12)]
-    movs = " ".join(f"mov.b32 {name}, {word(b, first)};" for name, b, first in tables)
+        raise ValueError(f"the 4-bit table decode needs 16 codebook values, got {len(values)}")
+    movs = _byte_tables(values, dtype, ("la0", "la1", "lb0", "lb1", "ha0", "ha1", "hb0", "hb1"))
     return ("{ .reg .b32 t, sel, m, a, b, lo, hi, la0, la1, lb0, lb1, ha0, ha1, hb0, hb1;\n" + movs + "\n"
             "and.b32 t, $4, 0x0F0F0F0F;\n" + _table_half("t", "$0", "$1") + "\n"
             "shr.b32 t, $4, 4; and.b32 t, t, 0x0F0F0F0F;\n" + _table_half("t", "$2", "$3") + " }")
 
 
-def decode_asm(decode: str, values: tuple[float, ...]) -> str:
-    """The asm for a 4-bit layer's decode kind (`RepackedWeights.decode`)."""
-    if decode == "e2m1":
+def table3_asm(values: tuple[float, ...], dtype: str = "float16") -> str:
+    """Decode asm for an 8-entry codebook (3-bit): words A ($16), B ($17), C ($18) of a chunk ->
+    8 outputs of 4 values ($2g, $2g+1 = group g's nibbles 0, 1 and 2, 3; `triton_v2_layout.three_bit_slots`)."""
+    if len(values) != 8:
+        raise ValueError(f"the 3-bit table decode needs 8 codebook values, got {len(values)}")
+    lines = ["{ .reg .b32 sel, t, lo, hi, l0, l1, h0, h1;", _byte_tables(values, dtype, ("l0", "l1", "h0", "h1"))]
+    for g in range(8):
+        word = "$16" if g < 4 else "$17"
+        low_shift = [0, 2, 16, 18][g % 4]
+        low = f"shr.b32 sel, {word}, {low_shift}; and.b32 sel, sel, 0x3333;" if low_shift else \
+            f"and.b32 sel, {word}, 0x3333;"
+        high_shift = 16 * (g // 4) + g % 4 - 2  # the high bit of nibble j moves to bit 4j + 2
+        high = (f"shr.b32 t, $18, {high_shift};" if high_shift > 0 else f"shl.b32 t, $18, {-high_shift};"
+                if high_shift < 0 else "mov.b32 t, $18;")
+        lines.append(f"{low} {high} and.b32 t, t, 0x4444; or.b32 sel, sel, t;"
+                     f" prmt.b32 lo, l0, l1, sel; prmt.b32 hi, h0, h1, sel;"
+                     f" prmt.b32 ${2 * g}, lo, hi, 0x5140; prmt.b32 ${2 * g + 1}, lo, hi, 0x7362;")
+    return "\n".join(lines) + " }"
+
+
+def decode_asm(decode: str, values: tuple[float, ...], bits: int = 4, dtype: str = "float16") -> str:
+    """The asm for a layer's decode kind (`RepackedWeights.decode`), bit width and activation dtype.
+
+    fp16 4-bit layers use the bit tricks where the codebook allows; everything else the tables. An
+    `e2m1` layer's scales are folded (times 2**14), so its bf16 table holds the values / 2**14."""
+    if bits == 3:
+        return table3_asm(values, dtype)
+    if dtype == "float16" and decode == "e2m1":
         return E2M1_ASM
-    if decode == "int":
+    if dtype == "float16" and decode == "int":
         return INT_ASM
-    return table_asm(values)
+    folded = tuple(v * 2.0**-14 for v in values) if decode == "e2m1" else values
+    return table_asm(folded, dtype)

@@ -10,9 +10,11 @@ The checkpoint layout (docs/FORMAT.md: one little-endian code stream per row, sc
   reshape/permute of the decoded tile, which compiles to register renaming. K is padded to a
   multiple of 128 with code 0 (the activations are zero there).
 - **4-bit codes as bytes** `[N, Kp/2]` (stored code p in the low nibble when p is even), so a
-  32-bit word holds 8 codes that decode together. **3-bit codes as two planes** per row, a 2-bit
-  plane `[Kp/4]` then a 1-bit plane `[Kp/8]` (no code straddles a byte; 3/8 byte per code, as
-  in the checkpoint).
+  32-bit word holds 8 codes that decode together. **3-bit codes as a 2-bit and a 1-bit plane**,
+  3/8 byte per code as in the checkpoint: each block of 128 is 48 bytes, words A (16 B), B
+  (16 B) and C (16 B); chunk c (stored 32c..32c+31) owns word c of each. A and B hold the codes'
+  low 2 bits, C their high bit, placed so that the decode builds each `prmt` selector (4 codes
+  as nibbles) with two shifts and masks (`three_bit_slots`, `triton_v2_decode.table3_asm`).
 - **Scales and offsets as `[groups, N]`**, contiguous along N: a tile's per-group parameters are
   one coalesced load. Padded groups get scale and offset 0.
 - **E2M1 folded**: the bit decode yields `value * 2**-14` (an exact fp16 pattern), so its scale is
@@ -62,16 +64,44 @@ def unpermute_k(stored: torch.Tensor) -> torch.Tensor:
     return stored.view(n, kp // SHUFFLE, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(n, kp)
 
 
+def chunk_group(m: int) -> int:
+    """The decode group (asm output) of a chunk's codes at offsets m, m + 8, m + 16, m + 24 (m < 8):
+    the 3-bit reversal of m, because the kernels interleave the 8 outputs with three nested joins."""
+    return ((m & 1) << 2) | (m & 2) | (m >> 2)
+
+
+def three_bit_slots() -> list[tuple[int, int, int]]:
+    """For offset l (< 32) of a chunk: (low word 0 = A / 1 = B, bit of the low 2 bits in it, bit of
+    the high bit in C). Group g's 4 codes (nibble j = offset 8j + m) sit where one shift and one mask
+    turn a word into the nibbles of a `prmt` selector: low bits at 4j + [0, 2, 16, 18][g % 4] of
+    word g // 4, high bits at 16 (g // 4) + 4j + g % 4."""
+    slots = []
+    for offset in range(32):
+        j, m = divmod(offset, 8)
+        g = chunk_group(m)
+        slots.append((g // 4, 2 * (g % 2) + 16 * ((g // 2) % 2) + 4 * j, 16 * (g // 4) + 4 * j + g % 4))
+    return slots
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int64 32-bit words [N, blocks, 4] -> little-endian bytes [N, blocks, 16]."""
+    shifts = torch.arange(0, 32, 8, device=words.device)
+    return ((words[..., None] >> shifts) & 255).flatten(-2)
+
+
 def pack_stored(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """Stored-order codes [N, Kp] -> uint8 [N, Kp * bits / 8] (bytes, or the 2-bit + 1-bit planes)."""
-    c = stored.to(torch.int32)
+    """Stored-order codes [N, Kp] -> uint8 [N, Kp * bits / 8] (bytes, or the 3-bit A/B/C words)."""
+    c = stored.to(torch.int64)
     n, kp = c.shape
     if bits == 4:
         pairs = c.view(n, kp // 2, 2)
         return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    low = (c & 3).view(n, kp // 4, 4) << torch.arange(0, 8, 2, device=c.device, dtype=torch.int32)
-    high = (c >> 2).view(n, kp // 8, 8) << torch.arange(8, device=c.device, dtype=torch.int32)
-    return torch.cat([low.sum(-1), high.sum(-1)], dim=1).to(torch.uint8)
+    chunks = c.view(n, kp // SHUFFLE, 4, 32)
+    words = torch.zeros(3, n, kp // SHUFFLE, 4, dtype=torch.int64, device=c.device)
+    for offset, (word, low_bit, high_bit) in enumerate(three_bit_slots()):
+        words[word] |= (chunks[..., offset] & 3) << low_bit
+        words[2] |= (chunks[..., offset] >> 2) << high_bit
+    return torch.cat([_words_to_bytes(w) for w in words], dim=-1).reshape(n, kp * 3 // 8).to(torch.uint8)
 
 
 def unpack_stored(packed: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
@@ -80,9 +110,12 @@ def unpack_stored(packed: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     n = p.shape[0]
     if bits == 4:
         return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, kp)
-    low = (p[:, : kp // 4, None] >> torch.arange(0, 8, 2, device=p.device)) & 3
-    high = (p[:, kp // 4:, None] >> torch.arange(8, device=p.device)) & 1
-    return low.reshape(n, kp) | (high.reshape(n, kp) << 2)
+    shifts = torch.arange(0, 32, 8, device=p.device)
+    words = (p.view(n, kp // SHUFFLE, 3, 4, 4) << shifts).sum(-1)  # [N, blocks, A/B/C, chunk]
+    codes = torch.zeros(n, kp // SHUFFLE, 4, 32, dtype=torch.int64, device=p.device)
+    for offset, (word, low_bit, high_bit) in enumerate(three_bit_slots()):
+        codes[..., offset] = ((words[:, :, word] >> low_bit) & 3) | (((words[:, :, 2] >> high_bit) & 1) << 2)
+    return codes.reshape(n, kp)
 
 
 @dataclass
@@ -93,7 +126,8 @@ class RepackedWeights:
     scales: torch.Tensor  # fp16 [groups of Kp, N] (times 2**14 when decode == "e2m1")
     offsets: torch.Tensor  # fp16 [groups of Kp, N]
     decode: str  # "e2m1" | "int" | "table"
-    asm: str  # the fp16 decode of a 4-bit layer in PTX (`triton_v2_decode`), "" for 3-bit
+    asm: str  # the decode in PTX for fp16 activations (`triton_v2_decode`)
+    asm_bf16: str  # ... and for bf16 activations
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, codebook: tuple[float, ...],
@@ -118,5 +152,6 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, c
             s = s * E2M1_FOLD
         else:
             decode = "table"
-    asm = decode_asm(decode, codebook) if bits == 4 else ""
-    return RepackedWeights(pack_stored(permute_k(codes), bits), s.half(), b.half(), decode, asm)
+    asm = {dtype: decode_asm(decode, codebook, bits, dtype) for dtype in ("float16", "bfloat16")}
+    return RepackedWeights(pack_stored(permute_k(codes), bits), s.half(), b.half(), decode, asm["float16"],
+                           asm["bfloat16"])

@@ -43,6 +43,22 @@ def _f16x2(op, *xs: np.ndarray) -> np.ndarray:
     return _join(op(*(v.astype(np.float64) for v in lows)), op(*(v.astype(np.float64) for v in highs)))
 
 
+def bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(U32) << U32(16)).view(np.float32).astype(np.float64)
+
+
+def float_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bf16 bit patterns (nearest even, through float32)."""
+    b = x.astype(np.float32).view(U32).astype(np.uint64)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(U32)
+
+
+def _bf16x2(op, *xs: np.ndarray) -> np.ndarray:
+    lo = float_to_bf16(op(*(bf16_to_float(x & U32(0xFFFF)) for x in xs)))
+    hi = float_to_bf16(op(*(bf16_to_float(x >> U32(16)) for x in xs)))
+    return lo | (hi << U32(16))
+
+
 _OPS = {
     "mov.b32": lambda a: a,
     "prmt.b32": _prmt,
@@ -54,6 +70,7 @@ _OPS = {
     "mul.lo.u32": lambda a, b: (a.astype(np.uint64) * b.astype(np.uint64) & 0xFFFFFFFF).astype(U32),
     "sub.f16x2": lambda a, b: _f16x2(lambda x, y: x - y, a, b),
     "fma.rn.f16x2": lambda a, b, c: _f16x2(lambda x, y, z: x * y + z, a, b, c),
+    "fma.rn.bf16x2": lambda a, b, c: _bf16x2(lambda x, y, z: x * y + z, a, b, c),
 }
 
 

@@ -41,7 +41,7 @@ def test_op_is_registered_with_its_schema(op):
     assert schema.startswith("daq::linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor codebook, "
                              "SymInt bits, SymInt group_size, bool e2m1")
     assert ("Tensor? bias=None, Tensor? v2_codes=None, Tensor? v2_scales=None, Tensor? v2_offsets=None, "
-            'str v2_decode="", str v2_asm="") -> Tensor') in schema
+            'str v2_decode="", str v2_asm="", str v2_asm_bf16="") -> Tensor') in schema
 
 
 def test_op_computes_the_reference(op):
@@ -65,7 +65,7 @@ def test_op_carries_the_v2_layout(op, monkeypatch):
     monkeypatch.setattr(triton_gemm, "_tuned", lambda *args: seen.append(args[-1]) or cfg)
     x, bias = torch.randn(2, 5, 96), torch.randn(24)
     y = torch.ops.daq.linear(x, q, s, b, cb.tensor(), 4, 64, False, bias, rp.codes, rp.scales, rp.offsets,
-                             rp.decode, rp.asm)
+                             rp.decode, rp.asm, rp.asm_bf16)
     assert seen[0].decode == "table" and torch.equal(seen[0].codes, rp.codes)
     torch.testing.assert_close(y, daq_linear_reference(x, q, s, b, cb.tensor(), 4, 64, bias), rtol=1e-4, atol=1e-4)
 

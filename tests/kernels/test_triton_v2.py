@@ -12,18 +12,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from ptx_sim import decode_words, interpreter_inline_asm, run
+from ptx_sim import bf16_to_float, decode_words, float_to_bf16, interpreter_inline_asm, run
 
 from daq_vllm.format import num_groups
 from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.kernels import dequantize, pack_codes
-from daq_vllm.kernels.triton_v2_decode import E2M1_ASM, FMA_F16X2, INT_ASM, decode_asm, table_asm
+from daq_vllm.kernels.triton_v2_decode import E2M1_ASM, FMA_F16X2, INT_ASM, decode_asm, table3_asm, table_asm
 from daq_vllm.kernels.triton_v2_layout import (
     E2M1_FOLD,
+    chunk_group,
     pack_stored,
     padded_k,
     permute_k,
     repack,
+    three_bit_slots,
     unpack_stored,
     unpermute_k,
     v2_unsupported,
@@ -74,6 +76,19 @@ def test_each_thread_fragment_is_16_contiguous_bytes():
     assert torch.equal(unpermute_k(stored), k)
 
 
+def test_three_bit_slots_fill_each_word_once():
+    """Every bit of A, B and C holds one code's bit; each decode group's selector nibbles come from
+    one shifted word (low bits at 4j + [0, 2, 16, 18], high bit at 4j + 2 after its shift)."""
+    slots = three_bit_slots()
+    low = {(w, b) for w, b, _ in slots} | {(w, b + 1) for w, b, _ in slots}
+    assert len(low) == 64 and {h for _, _, h in slots} == set(range(32))
+    assert sorted(chunk_group(m) for m in range(8)) == list(range(8))
+    for offset, (word, low_bit, high_bit) in enumerate(slots):
+        j, g = offset // 8, chunk_group(offset % 8)
+        assert word == g // 4 and low_bit - [0, 2, 16, 18][g % 4] == 4 * j
+        assert high_bit - 16 * (g // 4) - g % 4 == 4 * j
+
+
 def test_e2m1_scales_are_folded_unless_they_overflow_fp16():
     _, q, s, b, cb = weights("fp4_e2m1", 32)
     rp = repack(q, s, b, cb.values, 4, 32, K)
@@ -81,7 +96,7 @@ def test_e2m1_scales_are_folded_unless_they_overflow_fp16():
     big = s.clone()
     big[0, 0] = 8.0  # 8 * 2**14 > 65504
     rp = repack(q, big, b, cb.values, 4, 32, K)
-    assert rp.decode == "table" and rp.asm == table_asm(cb.values)
+    assert rp.decode == "table" and rp.asm == table_asm(cb.values) and rp.asm_bf16 == table_asm(cb.values, "bfloat16")
     assert repack(q, s, b, get_codebook("nf4").values, 4, 32, K).decode == "table"
 
 
@@ -117,6 +132,43 @@ def test_table_decode_equals_the_codebook_bit_for_bit(values):
     want = np.asarray(values, dtype=np.float16)[codes]
     assert np.array_equal(decode_words(table_asm(values), words).view(np.uint16), want.view(np.uint16))
     assert decode_asm("table", values) == table_asm(values)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "int4"])
+def test_bf16_table_decodes_equal_the_codebook_in_bf16(fmt):
+    """bf16 activations decode every 4-bit codebook through the table, in bf16 bit patterns (fp4_e2m1
+    divided by 2**14: its scales are folded)."""
+    words = random_words()
+    codes = np.stack([(words >> (4 * i)) & 15 for i in range(8)], axis=-1)
+    cb = get_codebook(fmt)
+    asm = decode_asm("e2m1" if fmt == "fp4_e2m1" else "table", cb.values, 4, "bfloat16")
+    factor = 2.0**-14 if fmt == "fp4_e2m1" else 1.0
+    want = float_to_bf16(np.asarray(cb.values, dtype=np.float64) * factor)[codes]
+    got = decode_words(asm, words).view(np.uint16).astype(np.uint32)
+    assert np.array_equal(got, want) and np.allclose(bf16_to_float(got), np.asarray(cb.values)[codes] * factor,
+                                                     rtol=2**-8)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("values", [get_codebook("fp3_e2m0").values, get_codebook("int3").values,
+                                    tuple(np.random.default_rng(5).standard_normal(8).tolist())])
+def test_three_bit_decode_equals_the_codebook_bit_for_bit(dtype, values):
+    """Words A, B, C of random chunks: output g's element j is the code at offset 8j + m (g = the
+    reversal of m), as `three_bit_slots` places it."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 8, (5000, 32))
+    words = np.zeros((3, 5000), dtype=np.uint64)
+    for offset, (word, low_bit, high_bit) in enumerate(three_bit_slots()):
+        words[word] |= (codes[:, offset] & 3).astype(np.uint64) << np.uint64(low_bit)
+        words[2] |= (codes[:, offset] >> 2).astype(np.uint64) << np.uint64(high_bit)
+    regs = run(table3_asm(values, dtype), [w.astype(np.uint32) for w in words], 16)
+    want = (np.asarray(values, dtype=np.float16).view(np.uint16).astype(np.uint32) if dtype == "float16"
+            else float_to_bf16(np.asarray(values)))
+    for g in range(8):
+        m = next(m for m in range(8) if chunk_group(m) == g)
+        got = [regs[2 * g] & 0xFFFF, regs[2 * g] >> 16, regs[2 * g + 1] & 0xFFFF, regs[2 * g + 1] >> 16]
+        for j in range(4):
+            assert np.array_equal(got[j], want[codes[:, 8 * j + m]]), (g, j)
 
 
 def test_packed_fma_rounds_once():
@@ -159,24 +211,25 @@ def test_v2_paths_match_reference(poisoned, fmt, g, dtype):
         check(y, x, q, s, b, cb, g, bias)
 
 
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "int4"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nf4", "int4", "fp3_e2m0", "int3"])
 @pytest.mark.parametrize("g", [32, 128])
-def test_asm_path_matches_reference_in_the_simulator(poisoned, monkeypatch, fmt, g):
-    """The fp16 4-bit path as it runs on CUDA: the interpreter executes its inline asm (decode and
-    packed FMA) through the PTX simulator, so the joins and the K un-permutation after the decode are
-    checked too. Its weights are fp16 `c * s + b` rounded once, as the reference's are."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_asm_path_matches_reference_in_the_simulator(poisoned, monkeypatch, fmt, g, dtype):
+    """The paths as they run on CUDA: the interpreter executes their inline asm (decode and packed
+    FMA) through the PTX simulator, so the joins and the K un-permutation after the decode are
+    checked too. fp16 weights are `c * s + b` rounded once, as the reference's are."""
     from triton.runtime import interpreter
 
     from daq_vllm.kernels import triton_v2
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", interpreter_inline_asm)
-    monkeypatch.setattr(triton_v2, "asm_decode_applies", lambda x: x.dtype == torch.float16)
+    monkeypatch.setattr(triton_v2, "asm_decode_applies", lambda x: x.dtype in (torch.float16, torch.bfloat16))
     _, q, s, b, cb = weights(fmt, g, seed=7)
-    rp = repack(q, s, b, cb.values, 4, g, K)
-    bias = torch.randn(N).half()
+    rp = repack(q, s, b, cb.values, cb.bits, g, K)
+    bias = torch.randn(N).to(dtype)
     for m, cfg in [(2, dict(path="gemv2", block_n=16, split_k=2)), (17, dict(path="mma", block_m=16, block_n=32))]:
-        x = torch.randn(m, K).half()
-        y = poisoned.run_path(poisoned.KernelConfig(**cfg), x, q, s, b, cb.tensor(), 4, g, False, bias, rp)
+        x = torch.randn(m, K).to(dtype)
+        y = poisoned.run_path(poisoned.KernelConfig(**cfg), x, q, s, b, cb.tensor(), cb.bits, g, False, bias, rp)
         check(y, x, q, s, b, cb, g, bias)
 
 

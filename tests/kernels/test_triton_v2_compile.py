@@ -1,9 +1,10 @@
 """Compile-level checks of the v2 kernels for Hopper (sm_90a), without a GPU.
 
 Every v2 config the tuner may pick is compiled with `triton.compile(..., target=GPUTarget("cuda",
-90, 32))` for each 4-bit decode, the way a launch on an H100/H200 with fp16 activations would
-compile it (16-byte-aligned pointers and strides, which the launcher detects and passes on). The
-point of the v2 design is checked in the output:
+90, 32))` for each asm decode (4-bit: e2m1, int and table in fp16, table in bf16; 3-bit: table in
+fp16 and bf16), the way a launch on an H100/H200 would compile it (16-byte-aligned pointers and
+strides, which the launcher detects and passes on). The point of the v2 design is checked in the
+output:
 - the `mma` main loop is a wgmma whose weight operand (A) comes from registers (`{%r..}` in PTX,
   a `dot_op` register tensor in TTGIR), so the decoded tile is never written to shared memory:
   no `st.shared` wider than the 16-bit per-row scale/offset vectors;
@@ -26,12 +27,17 @@ from pathlib import Path
 
 import pytest
 
-ARGS = {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "b_ptr": "*fp16", "cb_ptr": "*fp32", "bias_ptr": "*fp16",
-        "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "KP": "i32", "STEPS_PER_SPLIT": "i32",
+ARGS = {"x_ptr": "*ACT", "q_ptr": "*u8", "s_ptr": "*fp16", "b_ptr": "*fp16", "cb_ptr": "*fp32", "bias_ptr": "*ACT",
+        "y_ptr": "*ACT", "M": "i32", "N": "i32", "K": "i32", "KP": "i32", "STEPS_PER_SPLIT": "i32",
         "stride_xm": "i32", "stride_qn": "i32", "stride_ym": "i32"}
 ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "b_ptr", "cb_ptr", "bias_ptr", "y_ptr", "N", "K", "KP", "stride_xm",
            "stride_qn", "stride_ym")  # what Triton's launcher marks divisible by 16 for Llama-sized layers
-DECODES = ("e2m1", "int", "table")
+# (bits, activations, decode): every config for the fp16 4-bit decodes; one config per tile shape
+# for the others (all compile the same loop around a different decode).
+VARIANTS = [(4, "float16", "e2m1"), (4, "float16", "int"), (4, "float16", "table"), (4, "bfloat16", "table"),
+            (3, "float16", "table"), (3, "bfloat16", "table")]
+FULL = 3
+TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 M_BUCKETS = (1, 4, 16, 32, 64, 256)
 
 
@@ -69,15 +75,19 @@ def _compile_all() -> list[dict]:
     # split-K changes only the epilogue (atomic adds): one compile per tile with and without it
     configs = {(c.path, c.block_n, c.block_m, c.num_warps, c.num_stages, c.split_k > 1): c
                for m in M_BUCKETS for c in v2_candidate_configs(m)}
+    shapes = {(c.path, c.block_n, c.block_m, c.num_warps): c for c in configs.values()}
     records = []
     for cfg in configs.values():
         kernel = triton_v2._mma_kernel if cfg.path == "mma" else triton_v2._gemv2_kernel
-        for decode in DECODES:
-            const = dict(BITS=4, GROUP=128, DECODE=decode, ASM=decode_asm(decode, tuple(get_codebook("nf4").values)),
+        variants = VARIANTS if cfg in shapes.values() else VARIANTS[:FULL]
+        for bits, dtype, decode in variants:
+            values = tuple(get_codebook("nf4" if bits == 4 else "fp3_e2m0").values)
+            const = dict(BITS=bits, GROUP=128, DECODE=decode, ASM=decode_asm(decode, values, bits, dtype),
                          HAS_BIAS=False, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k)
             const.update(dict(UPCAST=False, BLOCK_M=cfg.block_m) if cfg.path == "mma" else dict(ROWS=4))
             attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
-            src = ASTSource(fn=kernel, signature={**ARGS, **{k: "constexpr" for k in const}}, constexprs=const,
+            signature = {k: v.replace("ACT", TYPES[dtype]) for k, v in ARGS.items()}
+            src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in const}}, constexprs=const,
                             attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -85,7 +95,7 @@ def _compile_all() -> list[dict]:
             report = _ptxas_report(ptx)
             records.append({
                 "config": cfg.describe(), "path": cfg.path, "block_n": cfg.block_n, "block_m": cfg.block_m,
-                "decode": decode,
+                "decode": f"{bits}-bit {decode} {dtype}",
                 "wgmma_a": re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S+)", ptx),
                 "dot_a": re.findall(r"ttng\.warp_group_dot [^\n]*?\} : (tensor<[^*]*)\*", ttgir),
                 "st_shared": sorted(set(re.findall(r"st\.shared\.[\w.]+", ptx))),
@@ -113,7 +123,7 @@ def records() -> list[dict]:
 def test_every_v2_candidate_was_compiled(records):
     """Both paths, every decode, and the tile shapes of the research notes' table."""
     assert {r["path"] for r in records} == {"mma", "gemv2"}
-    assert {r["decode"] for r in records} == set(DECODES)
+    assert len({r["decode"] for r in records}) == len(VARIANTS)
     assert {(r["block_n"], r["block_m"]) for r in records if r["path"] == "mma"} >= {(64, 16), (128, 16), (128, 64),
                                                                                    (128, 128)}
 
