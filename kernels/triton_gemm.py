@@ -57,7 +57,7 @@ class KernelConfig:
     block_m: int = 16
     block_n: int = 32
     chunks_per_iter: int = 4  # gemv: chunks of 32 codes per step
-    split_k: int = 1
+    split_k: int = 1  # v2 paths: 0 = sized to the GPU (`triton_v2.waves_split_k`)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -67,9 +67,10 @@ class KernelConfig:
         if self.path == "gemv":
             return (f"gemv BN{self.block_n} C{self.chunks_per_iter} split{self.split_k} "
                     f"w{self.num_warps} s{self.num_stages}")
+        split = "auto" if self.split_k == 0 else self.split_k
         if self.path == "gemv2":
-            return f"gemv2 BN{self.block_n} split{self.split_k} w{self.num_warps} s{self.num_stages}"
-        return f"{self.path} BM{self.block_m} BN{self.block_n} split{self.split_k} w{self.num_warps} s{self.num_stages}"
+            return f"gemv2 BN{self.block_n} split{split} w{self.num_warps} s{self.num_stages}"
+        return f"{self.path} BM{self.block_m} BN{self.block_n} split{split} w{self.num_warps} s{self.num_stages}"
 
 
 @triton.jit
@@ -421,18 +422,19 @@ def candidate_configs(m: int) -> list[KernelConfig]:
 
 def v2_candidate_configs(m: int) -> list[KernelConfig]:
     """The v2 configs the tuner measures for an M bucket (each compiles to register-A wgmma without
-    spills for sm_90a: tests/kernels/test_triton_v2_compile.py). Split-K fills the SMs at small M."""
+    spills for sm_90a: tests/kernels/test_triton_v2_compile.py). Split-K fills the SMs at small M:
+    fixed factors, and 0 (about two waves of the GPU's SMs)."""
     if m <= GEMV2_MAX_M:
         return ([KernelConfig("gemv2", block_n=bn, split_k=sk, num_warps=w, num_stages=2)
-                 for bn, w in ((32, 4), (64, 4), (128, 8)) for sk in (4, 8)]
+                 for bn, w in ((32, 4), (64, 4), (128, 8)) for sk in (0, 4, 8)]
                 + [KernelConfig("mma", block_m=16, block_n=bn, split_k=sk, num_warps=4, num_stages=3)
-                   for bn in (64, 128) for sk in (4, 8)])
+                   for bn in (64, 128) for sk in (0, 8)])
     if m <= 16:
         return [KernelConfig("mma", block_m=16, block_n=bn, split_k=sk, num_warps=4, num_stages=st)
-                for bn in (64, 128) for sk in (2, 4, 8) for st in (3, 4)]
+                for bn in (64, 128) for sk in (0, 4, 8) for st in (3, 4)]
     if m <= 64:
         return [KernelConfig("mma", block_m=m_bucket(m), block_n=bn, split_k=sk, num_warps=4, num_stages=3)
-                for bn in (64, 128) for sk in (1, 2, 4)]
+                for bn in (64, 128) for sk in (0, 1, 4)]
     return [KernelConfig("mma", block_m=bm, block_n=128, num_warps=w, num_stages=st)
             for bm, w in ((64, 4), (128, 8)) for st in (2, 3)]
 

@@ -18,6 +18,7 @@ from .op import daq_linear_op
 from .triton_v2_layout import repack, v2_unsupported
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+V2_VAR = "DAQ_TRITON_V2"  # "0": no v2 layout, so only the v1 paths run (and no second copy of the weights)
 
 
 class TritonKernel(LinearKernel):
@@ -38,11 +39,11 @@ class TritonKernel(LinearKernel):
         """Checks and the codebook (`LinearKernel.prepare`), then the v2 layout (`triton_v2_layout`)
         beside the checkpoint tensors, when the format allows it: the tuner measures the v2 kernels
         on it next to the v1 ones, which read the checkpoint tensors. It costs one more copy of the
-        packed weights while both are candidates."""
+        packed weights while both are candidates; DAQ_TRITON_V2=0 turns it off."""
         super().prepare(layer)
         s = self.spec
         self.v2_decode = self.v2_asm = self.v2_asm_bf16 = ""
-        if v2_unsupported(s.bits, s.group_size) is not None:
+        if os.environ.get(V2_VAR, "1").strip() == "0" or v2_unsupported(s.bits, s.group_size) is not None:
             return
         rp = repack(layer.qweight, layer.scales, layer.offsets, s.codebook, s.bits, s.group_size, s.in_features)
         layer.register_buffer("v2_codes", rp.codes, persistent=False)

@@ -196,10 +196,29 @@ def asm_decode_applies(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int) -> tuple[str, int, int, int]:
-    """(decode asm or "" for the plain decode, padded K, K steps per split, splits) for this call."""
+WAVES = 2  # split-K "auto" fills about this many waves of the GPU's SMs
+MIN_STEPS_PER_SPLIT = 4  # ... keeping at least this many 128-code steps per split
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def waves_split_k(tiles: int, steps: int, sms: int) -> int:
+    """Split-K that gives about WAVES waves of programs over `sms` SMs for `tiles` output tiles,
+    with at least MIN_STEPS_PER_SPLIT K steps per split (the rule of triton_kernels' heuristics)."""
+    return max(1, min(triton.cdiv(WAVES * sms, tiles), steps // MIN_STEPS_PER_SPLIT))
+
+
+def _launch_args(x: torch.Tensor, rp: RepackedWeights, bits: int, split_k: int,
+                 tiles: int) -> tuple[str, int, int, int]:
+    """(decode asm or "" for the plain decode, padded K, K steps per split, splits) for this call;
+    `split_k` 0 means `waves_split_k` for this device and `tiles` output tiles."""
     kp = rp.codes.shape[1] * 8 // bits
     steps = kp // SHUFFLE
+    if split_k == 0:
+        split_k = waves_split_k(tiles, steps, sm_count(x.device))
     per_split = triton.cdiv(steps, max(split_k, 1))
     asm = (rp.asm if x.dtype == torch.float16 else rp.asm_bf16) if asm_decode_applies(x) else ""
     return asm, kp, per_split, triton.cdiv(steps, per_split)
@@ -218,7 +237,7 @@ def mma_v2(x: torch.Tensor, rp: RepackedWeights, codebook: torch.Tensor, bits: i
     x = x.contiguous()
     m, k = x.shape
     n = rp.codes.shape[0]
-    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k)
+    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k, triton.cdiv(n, block_n) * triton.cdiv(m, block_m))
     y = _output(m, n, splits, x, new_output)
     _mma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)](
         x, rp.codes, rp.scales, rp.offsets, codebook, bias if bias is not None else y, y, m, n, k,
@@ -237,7 +256,7 @@ def gemv_v2(x: torch.Tensor, rp: RepackedWeights, codebook: torch.Tensor, bits: 
     if m > GEMV2_MAX_M:
         raise ValueError(f"gemv2 handles M <= {GEMV2_MAX_M}, got {m}")
     n = rp.codes.shape[0]
-    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k)
+    asm, kp, per_split, splits = _launch_args(x, rp, bits, split_k, triton.cdiv(n, block_n))
     y = _output(m, n, splits, x, new_output)
     _gemv2_kernel[(triton.cdiv(n, block_n), splits)](
         x, rp.codes, rp.scales, rp.offsets, codebook, bias if bias is not None else y, y, m, n, k,

@@ -255,7 +255,23 @@ def test_v2_candidates_join_the_tuner_per_m_bucket(tg):
     for m in (16, 64, 4096):
         cfgs = tg.v2_candidate_configs(m)
         assert {c.path for c in cfgs} == {"mma"} and all(c.block_m >= min(tg.m_bucket(m), 16) for c in cfgs)
-    assert all(c.split_k > 1 for c in tg.v2_candidate_configs(16))  # small M fills the SMs by splitting K
+    assert all(c.split_k != 1 for c in tg.v2_candidate_configs(16))  # small M fills the SMs by splitting K
+    assert any(c.split_k == 0 for c in tg.v2_candidate_configs(1))  # ... sized to the GPU among them
+
+
+def test_auto_split_k_fills_two_waves(poisoned, monkeypatch):
+    from daq_vllm.kernels import triton_v2
+
+    assert triton_v2.waves_split_k(tiles=32, steps=32, sms=132) == 8  # N=K=4096, BN 128: 9 -> 8 (4 steps each)
+    assert triton_v2.waves_split_k(tiles=32, steps=112, sms=132) == 9
+    assert triton_v2.waves_split_k(tiles=600, steps=32, sms=132) == 1 and triton_v2.waves_split_k(4, 3, 132) == 1
+    monkeypatch.setattr(triton_v2, "sm_count", lambda device: 16)
+    _, q, s, b, cb = weights("nf4", 64, k=1100)
+    rp = repack(q, s, b, cb.values, 4, 64, 1100)
+    x, bias = torch.randn(3, 1100).half(), torch.randn(N).half()
+    for cfg in (dict(path="mma", block_m=16, block_n=32, split_k=0), dict(path="gemv2", block_n=32, split_k=0)):
+        y = poisoned.run_path(poisoned.KernelConfig(**cfg), x, q, s, b, cb.tensor(), 4, 64, False, bias, rp)
+        check(y, x, q, s, b, cb, 64, bias, k=1100)
 
 
 def test_triton_kernel_prepares_the_v2_layout_and_computes_the_reference(tg):
@@ -273,6 +289,23 @@ def test_triton_kernel_prepares_the_v2_layout_and_computes_the_reference(tg):
     assert kernel.v2_decode == "e2m1" and kernel.v2_asm == E2M1_ASM
     assert torch.equal(layer.v2_codes, repack(q, s, b, cb.values, 4, 64, K).codes)
     x, bias = torch.randn(3, K).half(), torch.randn(N).half()
+    check(kernel.apply(layer, x, bias), x, q, s, b, cb, 64, bias)
+
+
+def test_v2_layout_can_be_turned_off(tg, monkeypatch):
+    from daq_vllm.format import DAQFormat
+    from daq_vllm.kernels import LinearSpec
+    from daq_vllm.kernels.triton_linear import TritonKernel
+
+    monkeypatch.setenv("DAQ_TRITON_V2", "0")
+    _, q, s, b, cb = weights("nf4", 64)
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales, layer.offsets = (torch.nn.Parameter(t, requires_grad=False) for t in (q, s, b))
+    fmt = DAQFormat(format="nf4", bits=4, group_size=64, codebook=list(cb.values))
+    kernel = TritonKernel(LinearSpec.of(fmt, K, N, torch.float16, "cpu"))
+    kernel.prepare(layer)
+    assert kernel.v2_decode == "" and not hasattr(layer, "v2_codes")
+    x, bias = torch.randn(2, K).half(), torch.randn(N).half()
     check(kernel.apply(layer, x, bias), x, q, s, b, cb, 64, bias)
 
 

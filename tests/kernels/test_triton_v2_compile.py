@@ -73,7 +73,7 @@ def _compile_all() -> list[dict]:
     from daq_vllm.kernels.triton_v2_decode import decode_asm
 
     # split-K changes only the epilogue (atomic adds): one compile per tile with and without it
-    configs = {(c.path, c.block_n, c.block_m, c.num_warps, c.num_stages, c.split_k > 1): c
+    configs = {(c.path, c.block_n, c.block_m, c.num_warps, c.num_stages, c.split_k != 1): c
                for m in M_BUCKETS for c in v2_candidate_configs(m)}
     shapes = {(c.path, c.block_n, c.block_m, c.num_warps): c for c in configs.values()}
     records = []
@@ -83,7 +83,7 @@ def _compile_all() -> list[dict]:
         for bits, dtype, decode in variants:
             values = tuple(get_codebook("nf4" if bits == 4 else "fp3_e2m0").values)
             const = dict(BITS=bits, GROUP=128, DECODE=decode, ASM=decode_asm(decode, values, bits, dtype),
-                         HAS_BIAS=False, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k)
+                         HAS_BIAS=False, BLOCK_N=cfg.block_n, SPLIT_K=1 if cfg.split_k == 1 else 2)
             const.update(dict(UPCAST=False, BLOCK_M=cfg.block_m) if cfg.path == "mma" else dict(ROWS=4))
             attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
             signature = {k: v.replace("ACT", TYPES[dtype]) for k, v in ARGS.items()}
