@@ -35,7 +35,7 @@ _FMA_BF16X2 = tl.constexpr(FMA_BF16X2)
 
 
 @triton.jit
-def _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, BITS: tl.constexpr):
     """Stored-order codes [BLOCK_N, 128] of the step at k0, gathered byte by byte (any bit width)."""
     p = tl.arange(0, 128)
     row = q_ptr + offs_n[:, None] * stride_qn
@@ -106,7 +106,7 @@ def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, strid
         else:
             w = tl.inline_asm_elementwise(_FMA_BF16X2, "=r,r,r,r", [w, s16, b16], dtype=OUT, is_pure=True, pack=2)
     else:
-        code = _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, KP, BITS, BLOCK_N)
+        code = _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, BITS)
         if DECODE == "e2m1":  # the fp16 pattern of (code & 7) is the value / 2**14 (folded into s)
             v = (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         elif DECODE == "int":

@@ -37,6 +37,7 @@ from .triton_v2_decode import decode_asm
 SHUFFLE = 128  # codes per permutation block; also every kernel's K step
 E2M1_FOLD = 2.0**14  # the E2M1 bit decode's values are the code's value times 2**-14
 FP16_MAX = 65504.0
+ROWS_PER_PASS = 1024  # repack this many rows at a time: the int64 codes of a whole layer would take 8 B per weight
 
 
 def v2_unsupported(bits: int, group_size: int) -> str | None:
@@ -137,8 +138,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, c
     if why:
         raise ValueError(f"the v2 Triton layout does not hold {why}")
     kp = padded_k(in_features)
-    codes = unpack_codes(qweight, bits, in_features)
-    codes = torch.nn.functional.pad(codes, (0, kp - in_features))
+    packed = torch.cat([pack_stored(permute_k(torch.nn.functional.pad(unpack_codes(rows, bits, in_features),
+                                                                      (0, kp - in_features))), bits)
+                        for rows in qweight.split(ROWS_PER_PASS)])
     groups = -(-kp // group_size)
 
     def by_group(t: torch.Tensor) -> torch.Tensor:
@@ -153,5 +155,4 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, c
         else:
             decode = "table"
     asm = {dtype: decode_asm(decode, codebook, bits, dtype) for dtype in ("float16", "bfloat16")}
-    return RepackedWeights(pack_stored(permute_k(codes), bits), s.half(), b.half(), decode, asm["float16"],
-                           asm["bfloat16"])
+    return RepackedWeights(packed, s.half(), b.half(), decode, asm["float16"], asm["bfloat16"])
