@@ -26,5 +26,4 @@ bench=(python benchmarks/kernel_bench.py --results "$RESULTS" --write-configs)
 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 200
 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 40
 "${bench[@]}" --tag 3bit --formats fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 40
-gpu="$(python -c "import torch; from daq_vllm.kernels.triton_gemm import gpu_slug; print(gpu_slug(torch.cuda.get_device_name()))")"
-cp "kernels/configs/$gpu.json" "$RESULTS/"
+cp kernels/configs/*.json "$RESULTS/"
