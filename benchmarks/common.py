@@ -166,3 +166,17 @@ def random_daq(n: int, k: int, bits: int, group: int, device: str = "cpu") -> tu
     scales = (torch.rand(n, groups, device=device) * 0.01 + 1e-3).half()
     offsets = (torch.randn(n, groups, device=device) * 1e-3).half()
     return pack_codes(codes, bits), scales, offsets
+
+
+def capture_graph(fn):
+    """`fn()` captured in a CUDA graph (after one warm-up call on a side stream, as torch asks):
+    (the graph, the output tensor its replays write)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, random_daq, write_results  # noqa: E402
+from common import RESULTS, capture_graph, random_daq, write_results  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
@@ -70,14 +70,7 @@ def graph_ms(fn) -> float:
     from triton.testing import do_bench
 
     fn()  # tunes our kernel outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn)
     return do_bench(graph.replay, return_mode="median")
 
 

@@ -322,3 +322,19 @@ def test_the_choice_is_logged_once_per_distinct_spec(caplog):
     choose_moe_kernel(make_spec(seed=11))
     assert [r.getMessage() for r in caplog.records] == [
         "DAQ MoE kernel loop chosen for 4 experts w13 [256, 128] w2 [128, 128] 4-bit g64 silu float32 on cpu"] * 2
+
+
+def test_moe_kernel_benchmark_smoke_runs(tmp_path):
+    """The GPU script's CPU mode (benchmarks/gpu_check.sh runs it on a GPU): the fused kernel on a
+    tiny layer under the interpreter, against the reference."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require(HAVE_TRITON, "triton is not installed")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_kernel_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smoke triton_moe: rel err" in proc.stdout
+    assert "correctness only" in (tmp_path / "moe-kernels-smoke.md").read_text()
