@@ -3,7 +3,7 @@
 #   1. every v1 and v2 path and format against the torch reference, outputs poisoned (--check);
 #   2. fp4_e2m1 and nf4 g128, fp16, Llama-2-7B/Llama-3-8B shapes, M = 1..4096, against cuBLAS and
 #      PyTorch's int4 kernel, the tuner choosing among v1 and v2 per shape (the goals table);
-#   3. fp4_e2m1 with bf16 activations, and the 3-bit formats, at a few M;
+#   3. fp4_e2m1 with bf16 activations, and the 3-bit formats beside fp4_e2m1, at a few M;
 #   4. the fused MoE kernel: correctness, CUDA-graph capture, speed (moe_kernel_bench.py).
 # Results: kernels-<gpu>*.md/json, moe-kernels-<gpu>.md/json and the tuned configs <gpu>.json (ship them as
 # kernels/configs/<gpu>.json) in $OUT (the device tool's folder) or benchmarks/results.
@@ -24,8 +24,8 @@ fi
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv | tee "$RESULTS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
 bench=(python benchmarks/kernel_bench.py --results "$RESULTS" --write-configs)
-"${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 200
+"${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 180
 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 40
-"${bench[@]}" --tag 3bit --formats fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 40
+"${bench[@]}" --tag 3bit --formats fp4_e2m1 fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 50
 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 45
 cp kernels/configs/*.json "$RESULTS/"

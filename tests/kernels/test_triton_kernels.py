@@ -144,3 +144,31 @@ def test_kernel_benchmark_smoke_runs(tmp_path):
     for path in ("gemv", "gemm", "dequant", "gemv2", "mma"):
         assert f"({path}): rel err" in proc.stdout
     assert "Not measured on GPU" in (tmp_path / "kernels-smoke.md").read_text()
+
+
+def test_kernel_benchmark_goals_table():
+    """The issue's goals computed from a results file: medians over shapes, paired nf4 / 3-bit ratios,
+    and 'not measured' for what a run did not cover."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
+    spec = importlib.util.spec_from_file_location("kernel_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rows(ms_by_m: dict[int, list[float]], fp16_ms: float = 1.0) -> dict:
+        return {"rows": [{"model": "m", "linear": f"l{i}", "M": m, "daq_ms": t, "speedup_vs_fp16": fp16_ms / t,
+                          "speedup_vs_int4": 1.5 if m == 1 else None}
+                         for m, times in ms_by_m.items() for i, t in enumerate(times)]}
+
+    result = {"formats": {"fp4_e2m1": rows({1: [0.5, 0.3, 0.2], 16: [0.6, 0.6, 0.4]}),
+                          "nf4": rows({16: [0.66, 0.9, 0.44]}), "int3": rows({1: [0.25, 0.25, 0.1]})}}
+    table = "\n".join(bench.goals(result))
+    assert "| fp4_e2m1 M=1: median x fp16 >= 2.6 | 3.33 | met |" in table
+    assert "| fp4_e2m1 M=16: median x fp16 >= 2.0 | 1.67 | missed |" in table
+    assert "| fp4_e2m1 M=64: median x fp16 >= 1.3 | n/a | not measured |" in table
+    assert "| fp4_e2m1 M=1: median x PyTorch int4 >= 1.0 | 1.50 | met |" in table
+    assert "| nf4 time / fp4_e2m1 time, worst M >= 16: <= 1.2 | 1.10 | met |" in table  # ratios 1.1, 1.5, 1.1
+    assert "| int3 M=1: fp4_e2m1 time / int3 time > 1 | 2.00 | met |" in table  # ratios 2, 1.2, 2
+    assert "| fp3_e2m0 M=1: fp4_e2m1 time / fp3_e2m0 time > 1 | n/a | not measured |" in table
