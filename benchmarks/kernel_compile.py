@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiling, not interpreting (the tests' conftest sets 1)
@@ -63,51 +65,60 @@ def ptxas_report(ptx: str) -> str:
     raise RuntimeError(f"no bundled ptxas assembled the PTX: {errors}")
 
 
-def compile_all() -> list[dict]:
-    """Compile every v2 candidate config for each decode; what the tests look at, per compile."""
+def compile_one(task: tuple[dict, int, str, str]) -> dict:
+    """Compile one (config, bits, activation dtype, decode) for sm_90a; what the tests look at."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from daq_vllm.format.codebooks import get_codebook
     from daq_vllm.kernels import triton_v2
-    from daq_vllm.kernels.triton_gemm import v2_candidate_configs
+    from daq_vllm.kernels.triton_gemm import KernelConfig
     from daq_vllm.kernels.triton_v2_decode import decode_asm
+
+    fields, bits, dtype, decode = task
+    cfg = KernelConfig(**fields)
+    kernel = triton_v2._mma_kernel if cfg.path == "mma" else triton_v2._gemv2_kernel
+    values = tuple(get_codebook("nf4" if bits == 4 else "fp3_e2m0").values)
+    const = dict(BITS=bits, GROUP=128, DECODE=decode, ASM=decode_asm(decode, values, bits, dtype),
+                 HAS_BIAS=False, BLOCK_N=cfg.block_n, SPLIT_K=1 if cfg.split_k == 1 else 2)
+    const.update(dict(UPCAST=False, BLOCK_M=cfg.block_m) if cfg.path == "mma" else dict(ROWS=4))
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
+    signature = {k: v.replace("ACT", TYPES[dtype]) for k, v in ARGS.items()}
+    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in const}}, constexprs=const,
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    report = ptxas_report(ptx)
+    return {
+        "config": " ".join([cfg.path, *([f"BM{cfg.block_m}"] if cfg.path == "mma" else []), f"BN{cfg.block_n}",
+                            f"w{cfg.num_warps}", f"s{cfg.num_stages}", "split-K" if cfg.split_k != 1 else "one split"]),
+        "path": cfg.path, "block_n": cfg.block_n, "block_m": cfg.block_m,
+        "decode": f"{bits}-bit {decode} {dtype}",
+        "wgmma_a": re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S+)", ptx),
+        "dot_a": re.findall(r"ttng\.warp_group_dot [^\n]*?\} : (tensor<[^*]*)\*", ttgir),
+        "st_shared": sorted(set(re.findall(r"st\.shared\.[\w.]+", ptx))),
+        "spill_stores": [int(v) for v in re.findall(r"(\d+) bytes spill stores", report)],
+        "registers": [int(v) for v in re.findall(r"Used (\d+) registers", report)],
+    }
+
+
+def compile_all() -> list[dict]:
+    """Every v2 candidate config for each decode, compiled on all cores (spawned workers: a fork would
+    copy torch's thread pools)."""
+    from dataclasses import asdict
+
+    from daq_vllm.kernels.triton_gemm import v2_candidate_configs
 
     # split-K changes only the epilogue (atomic adds): one compile per tile with and without it
     configs = {(c.path, c.block_n, c.block_m, c.num_warps, c.num_stages, c.split_k != 1): c
                for m in M_BUCKETS for c in v2_candidate_configs(m)}
-    shapes = {(c.path, c.block_n, c.block_m, c.num_warps): c for c in configs.values()}
-    records = []
-    for cfg in configs.values():
-        kernel = triton_v2._mma_kernel if cfg.path == "mma" else triton_v2._gemv2_kernel
-        variants = VARIANTS if cfg in shapes.values() else VARIANTS[:FULL]
-        for bits, dtype, decode in variants:
-            values = tuple(get_codebook("nf4" if bits == 4 else "fp3_e2m0").values)
-            const = dict(BITS=bits, GROUP=128, DECODE=decode, ASM=decode_asm(decode, values, bits, dtype),
-                         HAS_BIAS=False, BLOCK_N=cfg.block_n, SPLIT_K=1 if cfg.split_k == 1 else 2)
-            const.update(dict(UPCAST=False, BLOCK_M=cfg.block_m) if cfg.path == "mma" else dict(ROWS=4))
-            attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
-            signature = {k: v.replace("ACT", TYPES[dtype]) for k, v in ARGS.items()}
-            src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in const}}, constexprs=const,
-                            attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-            report = ptxas_report(ptx)
-            records.append({
-                "config": " ".join([cfg.path, *([f"BM{cfg.block_m}"] if cfg.path == "mma" else []), f"BN{cfg.block_n}",
-                                    f"w{cfg.num_warps}", f"s{cfg.num_stages}",
-                                    "split-K" if cfg.split_k != 1 else "one split"]),
-                "path": cfg.path, "block_n": cfg.block_n, "block_m": cfg.block_m,
-                "decode": f"{bits}-bit {decode} {dtype}",
-                "wgmma_a": re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S+)", ptx),
-                "dot_a": re.findall(r"ttng\.warp_group_dot [^\n]*?\} : (tensor<[^*]*)\*", ttgir),
-                "st_shared": sorted(set(re.findall(r"st\.shared\.[\w.]+", ptx))),
-                "spill_stores": [int(v) for v in re.findall(r"(\d+) bytes spill stores", report)],
-                "registers": [int(v) for v in re.findall(r"Used (\d+) registers", report)],
-            })
-    return records
+    shapes = list({(c.path, c.block_n, c.block_m, c.num_warps): c for c in configs.values()}.values())
+    tasks = [(asdict(cfg), *variant) for cfg in configs.values()
+             for variant in (VARIANTS if cfg in shapes else VARIANTS[:FULL])]
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(compile_one, tasks))
 
 
 def markdown(records: list[dict], triton_version: str) -> str:
