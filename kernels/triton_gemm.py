@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_v2 import GEMV2_MAX_M, gemv_v2, mma_v2
+from .triton_v2 import GEMV2_MAX_M, e2m1_pattern, gemv_v2, mma_v2
 from .triton_v2_layout import RepackedWeights
 
 GEMV_MAX_M = 8
@@ -160,8 +160,7 @@ def _chunk_planes(q_ptr, stride_qn, offs_n, nmask, chunk, cmask, W, BITS: tl.con
 def _values(code, cb_ptr, mask, E2M1: tl.constexpr):
     """Code values: fp16 bit patterns (value / 16384) for E2M1, else fp32 codebook entries."""
     if E2M1:
-        pattern = ((code & 7) << 9) | ((code & 8) << 12)
-        v = pattern.to(tl.int16).to(tl.float16, bitcast=True)
+        v = e2m1_pattern(code)
     else:
         v = tl.load(cb_ptr + code, mask=mask, other=0.0)
     return v

@@ -22,6 +22,8 @@ whichever is faster per shape. Research notes: `shared/research/kernels-v2.md` s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,13 @@ from .triton_v2_layout import SHUFFLE, RepackedWeights
 GEMV2_MAX_M = 4
 _FMA_F16X2 = tl.constexpr(FMA_F16X2)  # globals a jit function may read
 _FMA_BF16X2 = tl.constexpr(FMA_BF16X2)
+
+
+@triton.jit
+def e2m1_pattern(code):
+    """fp16 values of E2M1 codes from their bits (sign to bit 15, exponent and mantissa to bits 9-11):
+    exactly the E2M1 value / 2**14, which the kernels fold into the scale."""
+    return (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -108,7 +117,7 @@ def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, strid
     else:
         code = _plain_codes(q_ptr, stride_qn, offs_n, nmask, k0, BITS)
         if DECODE == "e2m1":  # the fp16 pattern of (code & 7) is the value / 2**14 (folded into s)
-            v = (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            v = e2m1_pattern(code).to(tl.float32)
         elif DECODE == "int":
             v = code.to(tl.float32)
         else:
@@ -200,6 +209,7 @@ WAVES = 2  # split-K "auto" fills about this many waves of the GPU's SMs
 MIN_STEPS_PER_SPLIT = 4  # ... keeping at least this many 128-code steps per split
 
 
+@functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
