@@ -3,8 +3,9 @@
 Every dense compute path is a `LinearKernel` chosen once per layer by `choose_kernel(LinearSpec)`:
 `torch` (the reference, any device), `cpu` (C++, on CPU), `dense` (decoded once, on request) and
 `triton` (CUDA, or CPU tensors under TRITON_INTERPRET=1). A mixture-of-experts layer gets an
-`MoEKernel` from `choose_moe_kernel(MoESpec)` (`moe.py`): `triton_moe` (fused, CUDA) or `loop`
-(per expert, through the linear kernels), both checked against `moe_reference`. Knows nothing of
+`MoEKernel` from `choose_moe_kernel(MoESpec)` (`moe.py`): `triton_moe` (fused, CUDA), `cpu_moe`
+(fused, C++ on CPU) or `loop` (per expert, through the linear kernels), all checked against
+`moe_reference`. Knows nothing of
 the quantizer, transformers or vLLM; it builds on the format contract only. Triton is imported
 when a Triton kernel first runs.
 """

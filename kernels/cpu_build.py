@@ -27,8 +27,8 @@ import torch
 logger = logging.getLogger("daq_vllm.kernels")
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_linear.cpp", "cpu_avx2.cpp", "cpu_avx512.cpp", "cpu_bf16.cpp", "cpu_bf16_avx2.cpp")
-HEADERS = ("cpu_kernel.h",)
+SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_avx2.cpp", "cpu_avx512.cpp", "cpu_bf16.cpp", "cpu_bf16_avx2.cpp")
+HEADERS = ("cpu_kernel.h", "cpu_dispatch.h")
 # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without it the kernel
 # would run on one thread. The library resolves to the libgomp that torch has already loaded.
 CFLAGS = ("-O3", "-fopenmp")
@@ -126,6 +126,7 @@ def _load() -> None:
             _compile(name, build_dir)
     torch.library.register_fake("daq_cpu::linear")(_linear_fake)
     torch.library.register_fake("daq_cpu::bf16_linear")(_bf16_linear_fake)
+    torch.library.register_fake("daq_cpu::moe")(_moe_fake)
 
 
 def _linear_fake(x, codes, scale_offset, lut, out_features, group_size, isa, max_fused_m, bias=None):
@@ -134,6 +135,10 @@ def _linear_fake(x, codes, scale_offset, lut, out_features, group_size, isa, max
 
 def _bf16_linear_fake(x, weight, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _moe_fake(x, topk_weights, topk_ids, *experts_and_sizes):
+    return torch.empty_like(x)
 
 
 def ensure_loaded() -> None:

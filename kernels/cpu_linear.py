@@ -87,6 +87,13 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, b
     return codes, scale_offset
 
 
+def lut(codebook: tuple[float, ...]) -> torch.Tensor:
+    """The op's 16 float32 codebook values: an 8-entry (3-bit) codebook padded with zeros."""
+    table = torch.zeros(16, dtype=torch.float32)
+    table[: len(codebook)] = torch.tensor(codebook, dtype=torch.float32)
+    return table
+
+
 class CpuKernel(LinearKernel):
     name = "cpu"
     owns_weights = True
@@ -111,11 +118,9 @@ class CpuKernel(LinearKernel):
         self.isa = chosen_isa()
         codes, scale_offset = repack(layer.qweight.data.cpu(), layer.scales.data.cpu(), layer.offsets.data.cpu(),
                                      s.bits, s.in_features, self.isa)
-        lut = torch.zeros(16, dtype=torch.float32)
-        lut[: len(s.codebook)] = torch.tensor(s.codebook, dtype=torch.float32)
         layer.register_buffer("cpu_codes", codes, persistent=False)
         layer.register_buffer("cpu_scale_offset", scale_offset, persistent=False)
-        layer.register_buffer("cpu_lut", lut, persistent=False)
+        layer.register_buffer("cpu_lut", lut(s.codebook), persistent=False)
 
     def apply(self, layer, x, bias=None):
         s = self.spec

@@ -11,6 +11,8 @@ packed tensors are loaded, and then only ever calls `kernel.apply(layer, x, topk
 Kernels, fastest first per device:
 - `triton_moe` (CUDA, or CPU tensors under TRITON_INTERPRET=1; 4-bit): one fused dequant-GEMM per
   projection over all experts (`triton_moe.py`), without host syncs;
+- `cpu_moe` (CPU, 3- and 4-bit): the whole layer in one C++ call (`csrc/cpu_moe.cpp`) through the
+  dense `cpu` kernel's bodies, every expert repacked as that kernel repacks a linear;
 - `loop` (any device): per expert with tokens, its two projections through the dense-linear kernel
   layer (`moe_loop.py`), so on CPU the C++ `cpu` kernel does the work. `DAQ_KERNEL` and
   `DAQ_DISABLED_KERNELS` steer those per-expert linears as they steer any other.
@@ -34,6 +36,7 @@ from daq_vllm.errors import DAQError
 from daq_vllm.format.layout import num_groups, packed_words
 
 from .base import LinearSpec
+from .cpu_linear import ISAS, MAX_FUSED_M, CpuKernel, chosen_isa, lut, repack
 from .moe_loop import expert_linears, loop_moe
 from .reference import dequantize
 from .select import KernelChooser
@@ -52,6 +55,7 @@ def _gated(act: Callable[[torch.Tensor], torch.Tensor]) -> Gated:
 
 # What `MoESpec.activation` may name; `gelu` is the exact (erf) GELU, as vLLM's GeluAndMul.
 ACTIVATIONS: dict[str, Gated] = {"silu": _gated(torch.nn.functional.silu), "gelu": _gated(torch.nn.functional.gelu)}
+ACTIVATION_IDS = {"silu": 0, "gelu": 1}  # the `activation` argument of torch.ops.daq_cpu.moe (csrc/cpu_moe.cpp)
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,52 @@ class TritonMoEKernel(MoEKernel):
         return fused_moe(x, topk_weights, topk_ids, w13, w2, self.spec.group_size, ACTIVATIONS[self.spec.activation])
 
 
-MOE_KERNELS: dict[str, type[MoEKernel]] = {k.name: k for k in (TritonMoEKernel, LoopMoEKernel)}
-MOE_PRIORITY: dict[str, tuple[str, ...]] = {"cuda": ("triton_moe", "loop"), "cpu": ("loop",)}
+class CpuMoEKernel(MoEKernel):
+    """Fused on CPU: the layer in one C++ call, one parallel loop over (expert, output block) per projection.
+
+    `prepare` repacks every expert's projections as the dense `cpu` kernel repacks a linear
+    (`cpu_linear.repack`), stacked along the expert axis, and then never reads the checkpoint tensors.
+    """
+
+    name = "cpu_moe"
+    owns_weights = True
+
+    @classmethod
+    def can_implement(cls, spec: MoESpec) -> tuple[bool, str | None]:
+        """What the dense `cpu` kernel needs of each projection (device, bits, dtype, the build), and the activation."""
+        for projection in ("w13", "w2"):
+            ok, why = CpuKernel.can_implement(spec.linear(projection))
+            if not ok:
+                return False, why
+        refusal = _activation_refusal(spec)
+        return refusal is None, refusal
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        super().prepare(layer)
+        s = self.spec
+        self.isa = chosen_isa()
+        for projection, in_features in (("w13", s.hidden_size), ("w2", s.intermediate_size)):
+            qweight, scales, offsets = (getattr(layer, f"{projection}_{t}").data.cpu()
+                                        for t in ("qweight", "scales", "offsets"))
+            first = repack(qweight[0], scales[0], offsets[0], s.bits, in_features, self.isa)
+            codes, scale_offset = (torch.empty(s.num_experts, *t.shape, dtype=t.dtype) for t in first)
+            codes[0], scale_offset[0] = first
+            for e in range(1, s.num_experts):
+                codes[e], scale_offset[e] = repack(qweight[e], scales[e], offsets[e], s.bits, in_features, self.isa)
+            layer.register_buffer(f"cpu_{projection}_codes", codes, persistent=False)
+            layer.register_buffer(f"cpu_{projection}_scale_offset", scale_offset, persistent=False)
+            layer.register_buffer(f"cpu_{projection}_lut", lut(getattr(s, f"{projection}_codebook")), persistent=False)
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        s = self.spec
+        return torch.ops.daq_cpu.moe(x, topk_weights, topk_ids, layer.cpu_w13_codes, layer.cpu_w13_scale_offset,
+                                     layer.cpu_w13_lut, layer.cpu_w2_codes, layer.cpu_w2_scale_offset, layer.cpu_w2_lut,
+                                     s.intermediate_size, s.group_size, ISAS[self.isa], MAX_FUSED_M[self.isa],
+                                     ACTIVATION_IDS[s.activation])
+
+
+MOE_KERNELS: dict[str, type[MoEKernel]] = {k.name: k for k in (TritonMoEKernel, CpuMoEKernel, LoopMoEKernel)}
+MOE_PRIORITY: dict[str, tuple[str, ...]] = {"cuda": ("triton_moe", "loop"), "cpu": ("cpu_moe", "loop")}
 DEFAULT_MOE_PRIORITY: tuple[str, ...] = ("loop",)
 _CHOOSER: KernelChooser[MoEKernel] = KernelChooser(
     MOE_KERNELS, MOE_PRIORITY, DEFAULT_MOE_PRIORITY, "DAQ_MOE_KERNEL", "DAQ_DISABLED_MOE_KERNELS", "MoE kernel",

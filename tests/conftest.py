@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from daq_vllm.kernels.cpu_linear import ISAS, best_isa
 from helpers import make_tiny_model
 
 REQUIRE_ALL = os.environ.get("DAQ_REQUIRE_ALL") == "1"
@@ -38,6 +39,19 @@ def require_cpu_kernel() -> None:
         ensure_loaded()
     except CpuKernelUnavailable as e:
         require(False, f"the DAQ CPU kernel cannot be built here: {e}")
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, monkeypatch) -> str:
+    """Each instruction-set path of the C++ CPU kernel forced in turn (`DAQ_CPU_ISA`); only one this CPU
+    lacks may skip, and in CI only AVX-512."""
+    require_cpu_kernel()
+    if ISAS[request.param] > ISAS[best_isa()]:
+        if request.param == "avx2" and REQUIRE_ALL:
+            pytest.fail("DAQ_REQUIRE_ALL=1 but this CPU has no AVX2: the AVX2 path must run in CI")
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("DAQ_CPU_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")

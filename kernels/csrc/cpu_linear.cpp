@@ -15,7 +15,7 @@
 #include <optional>
 #include <vector>
 
-#include "cpu_kernel.h"
+#include "cpu_dispatch.h"
 
 namespace daq_cpu {
 
@@ -27,8 +27,6 @@ namespace {
 constexpr int kScalarBN = kBlockN[kScalar];
 // Decoded weights per prefill tile (fp32, 4 MiB): small layers decode whole, and the GEMM keeps its width.
 constexpr int64_t kTileWeights = int64_t{1} << 20;
-// Below this many weights a layer runs on one thread: waking the pool costs more than it saves.
-constexpr int64_t kParallelWeights = int64_t{1} << 16;
 
 float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
@@ -84,67 +82,10 @@ void dequant_scalar(const Problem& p, int64_t block_begin, int64_t block_end, fl
   }
 }
 
-using GemmBody = void (*)(const Problem&, int64_t, int64_t);
-using DequantBody = void (*)(const Problem&, int64_t, int64_t, float*, int64_t);
-
-std::pair<GemmBody, DequantBody> bodies(int64_t isa) {
-  switch (isa) {
-    case kScalar: return {gemm_scalar, dequant_scalar};
-    case kAvx2:  // its prefill is gemm_panels_avx2, which decodes as it goes
-      TORCH_CHECK(cpu_has_avx2(), "daq_cpu: this CPU has no AVX2+FMA");
-      return {gemm_avx2, nullptr};
-    case kAvx512:
-      TORCH_CHECK(cpu_has_avx512(), "daq_cpu: this CPU has no AVX-512F");
-      return {gemm_avx512, dequant_avx512};
-    default: TORCH_CHECK(false, "daq_cpu: unknown instruction set ", isa);
-  }
-}
-
-// [M, G]: each row's sum of x over each group, the factor of the group's offset.
-std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t group_size) {
-  const int64_t groups = (k + group_size - 1) / group_size;
-  std::vector<float> sums(m * groups, 0.0f);
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.0f;
-      for (int64_t kk = g * group_size; kk < std::min(k, (g + 1) * group_size); ++kk) sum += x[row * k + kk];
-      sums[row * groups + g] = sum;
-    }
-  }
-  return sums;
-}
-
 // Fused decode-GEMM over all blocks, threads over blocks.
 void run_fused(const Problem& p, GemmBody body, int64_t blocks) {
   const int64_t grain = p.n * p.k < kParallelWeights ? blocks : 1;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { body(p, begin, end); });
-}
-
-// Portable prefill: decode a tile of output columns at a time into one reused buffer and multiply
-// it with torch's GEMM into the tile's columns of y.
-void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block_n, const at::Tensor& x,
-               const at::Tensor& y) {
-  const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
-  const int64_t ld = tile_blocks * block_n;
-  // Reused across calls: a fresh multi-MiB buffer per call would page-fault on every first touch.
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < p.k * ld) buffer = at::empty({p.k * ld}, x.options());
-  const at::Tensor w_t = buffer.narrow(0, 0, p.k * ld).view({p.k, ld});
-  float* w_ptr = w_t.data_ptr<float>();
-  for (int64_t b0 = 0; b0 < blocks; b0 += tile_blocks) {
-    const int64_t b1 = std::min(blocks, b0 + tile_blocks);
-    at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
-      body(p, begin, end, w_ptr + (begin - b0) * block_n, ld);
-    });
-    const int64_t n0 = b0 * block_n;
-    const int64_t cols = std::min(p.n, b1 * block_n) - n0;
-    if (cols == p.n) {
-      at::Tensor out = y;  // a handle to the same storage
-      at::mm_out(out, x, w_t.narrow(1, 0, cols));  // one tile holds the whole layer: no copy
-    } else {
-      y.narrow(1, n0, cols).copy_(at::mm(x, w_t.narrow(1, 0, cols)));
-    }
-  }
 }
 
 // AVX2 prefill: decoded panels through our register-blocked GEMM, threads over blocks, into y
@@ -185,8 +126,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   at::Tensor y = at::empty({m, panels ? blocks * block_n : out_features}, x2.options());
   if (m > 0) {
     // Only the fused kernel folds the offsets into sums of x; the prefill paths decode them.
-    const std::vector<float> x_group_sums = fused ? group_sums(x2.data_ptr<float>(), m, k, group_size)
-                                                  : std::vector<float>();
+    std::vector<float> x_group_sums(fused ? m * groups : 0);
+    if (fused) group_sums(x2.data_ptr<float>(), m, k, group_size, x_group_sums.data());
     const Problem p{x2.data_ptr<float>(),
                     x_group_sums.data(),
                     codes.data_ptr<uint8_t>(),
@@ -210,6 +151,56 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 int64_t best_isa() { return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kScalar; }
 
 }  // namespace
+
+std::pair<GemmBody, DequantBody> bodies(int64_t isa) {
+  switch (isa) {
+    case kScalar: return {gemm_scalar, dequant_scalar};
+    case kAvx2:  // its prefill is gemm_panels_avx2, which decodes as it goes
+      TORCH_CHECK(cpu_has_avx2(), "daq_cpu: this CPU has no AVX2+FMA");
+      return {gemm_avx2, nullptr};
+    case kAvx512:
+      TORCH_CHECK(cpu_has_avx512(), "daq_cpu: this CPU has no AVX-512F");
+      return {gemm_avx512, dequant_avx512};
+    default: TORCH_CHECK(false, "daq_cpu: unknown instruction set ", isa);
+  }
+}
+
+void group_sums(const float* x, int64_t m, int64_t k, int64_t group_size, float* sums) {
+  const int64_t groups = (k + group_size - 1) / group_size;
+  for (int64_t row = 0; row < m; ++row) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int64_t kk = g * group_size; kk < std::min(k, (g + 1) * group_size); ++kk) sum += x[row * k + kk];
+      sums[row * groups + g] = sum;
+    }
+  }
+}
+
+void run_tiled(const Problem& p, DequantBody body, int64_t blocks, int64_t block_n, const at::Tensor& x,
+               const at::Tensor& y) {
+  const int64_t tile_blocks = std::max<int64_t>(1, std::min(blocks, kTileWeights / (p.k * block_n)));
+  const int64_t ld = tile_blocks * block_n;
+  // Reused across calls: a fresh multi-MiB buffer per call would page-fault on every first touch.
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < p.k * ld) buffer = at::empty({p.k * ld}, x.options());
+  const at::Tensor w_t = buffer.narrow(0, 0, p.k * ld).view({p.k, ld});
+  float* w_ptr = w_t.data_ptr<float>();
+  for (int64_t b0 = 0; b0 < blocks; b0 += tile_blocks) {
+    const int64_t b1 = std::min(blocks, b0 + tile_blocks);
+    at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
+      body(p, begin, end, w_ptr + (begin - b0) * block_n, ld);
+    });
+    const int64_t n0 = b0 * block_n;
+    const int64_t cols = std::min(p.n, b1 * block_n) - n0;
+    if (cols == p.n) {
+      at::Tensor out = y;  // a handle to the same storage
+      at::mm_out(out, x, w_t.narrow(1, 0, cols));  // one tile holds the whole layer: no copy
+    } else {
+      y.narrow(1, n0, cols).copy_(at::mm(x, w_t.narrow(1, 0, cols)));
+    }
+  }
+}
+
 }  // namespace daq_cpu
 
 TORCH_LIBRARY(daq_cpu, m) {

