@@ -15,6 +15,7 @@ whose experts that mapping does not describe is refused, naming the module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +65,15 @@ class ExpertLinears(nn.ModuleList):
         super().__init__(experts)
         self.num_experts = len(experts)
         self.calibrate = CALIBRATE_ROUTED
+        # Set by the transformers loader when an MoE kernel computes these experts at once; called as
+        # forward is. A plain attribute, not a submodule: iterating a ModuleList yields its experts only.
+        self.fused: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         every = self.calibrate == CALIBRATE_ALL
         for e, expert in enumerate(self):

@@ -3,7 +3,9 @@
 Importing `daq_vllm` registers the `daq` quant method in transformers' quantizer registry. Before
 the weights load, every converted nn.Linear is swapped for a `DAQLinear` holding the packed tensors,
 which then load by name from the checkpoint; each then computes with the kernel chosen for it
-(`daq_vllm.kernels.choose_kernel`).
+(`daq_vllm.kernels.choose_kernel`). A mixture-of-experts layer's experts compute at once through
+the MoE kernel layer (`choose_moe_kernel`, as in vLLM) where a fused kernel can run them
+(`fuse_experts`); otherwise expert by expert through their own kernels.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..experts import CheckpointNames, defuse_experts
+from ..experts import CheckpointNames, ExpertLinears, defuse_experts, expert_modules
 from ..format import QUANT_METHOD, DAQFormat, num_groups, packed_words
-from ..kernels import LinearKernel, LinearSpec, choose_kernel, dequantize
+from ..kernels import LinearKernel, LinearSpec, MoESpec, choose_kernel, choose_moe_kernel, dequantize
 
 
 class DAQLinear(nn.Module):
@@ -62,7 +64,8 @@ class DAQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
-            raise RuntimeError("DAQLinear has no kernel: load the model with from_pretrained or daq_vllm.load")
+            raise RuntimeError("DAQLinear has no kernel: load the model with from_pretrained or daq_vllm.load (an "
+                               "expert of a fused MoE layer computes only through its layer)")
         return self.kernel.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
@@ -73,12 +76,77 @@ class DAQLinear(nn.Module):
 
 def select_kernels(model: nn.Module, preferred: str | None = None) -> None:
     """(Re)choose every DAQLinear's kernel for its current device and the model's dtype (that of its
-    input embedding: DAQLinear's own fp16 scales say nothing of it)."""
+    input embedding: DAQLinear's own fp16 scales say nothing of it). Experts that a fused MoE kernel
+    computes need none; a `preferred` (forced) dense kernel computes every linear, experts included."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embedding.weight.dtype if embedding is not None else torch.float32
+    fused: set[int] = set()
+    for experts in expert_modules(model).values():
+        experts.fused = None
+        if not preferred:
+            fused.update(id(linear) for linear in fuse_experts(experts, dtype))
     for module in model.modules():
         if isinstance(module, DAQLinear):
-            module.select_kernel(dtype, (preferred,) if preferred else ())
+            if id(module) in fused:
+                module.kernel = None
+            else:
+                module.select_kernel(dtype, (preferred,) if preferred else ())
+
+
+def _activation(act_fn: nn.Module) -> str | None:
+    """The MoE kernels' name for an expert's activation (`kernels.moe.ACTIVATIONS`), or None.
+
+    Probed on a few values: transformers' activation classes differ between models and versions.
+    """
+    probe = torch.linspace(-6, 6, 25)
+    for name, fn in (("silu", nn.functional.silu), ("gelu", nn.functional.gelu)):
+        if torch.allclose(act_fn(probe), fn(probe), rtol=1e-6, atol=1e-7):
+            return name
+    return None
+
+
+def fuse_experts(experts: ExpertLinears, act_dtype: torch.dtype) -> list[DAQLinear]:
+    """Let one MoE kernel compute `experts` where one can; the DAQ linears it covers, or [] if none.
+
+    It can when every projection is a DAQ linear without bias, all gate and up projections share a
+    codebook and all down projections another (what the quantizer writes, and vLLM requires), bits
+    and group size are the same, the activation is one the kernels compute, and the kernel chosen is
+    not `loop` (the per-expert path this replaces). The packed tensors are stacked as vLLM holds them
+    (`w13_*` [E, 2I, .], `w2_*` [E, H, .], non-persistent buffers of `experts`, so they move with the
+    model) and dropped after `prepare` when the kernel keeps its own repacked copy.
+    """
+    projections = [[getattr(m, n) for n in (m.names.gate, m.names.up, m.names.down)] for m in experts]
+    linears = [linear for p in projections for linear in p]
+    if not all(isinstance(linear, DAQLinear) and linear.bias is None for linear in linears):
+        return []
+
+    def fmt(linear: DAQLinear) -> tuple[int, int, tuple[float, ...]]:
+        return linear.fmt.bits, linear.fmt.group_size, tuple(linear.fmt.codebook)
+
+    w13_formats = {fmt(linear) for gate, up, _ in projections for linear in (gate, up)}
+    w2_formats = {fmt(down) for *_, down in projections}
+    activation = _activation(experts[0].act_fn)
+    if len(w13_formats) != 1 or len(w2_formats) != 1 or activation is None:
+        return []
+    (bits, group, w13_codebook), (w2_bits, w2_group, w2_codebook) = w13_formats.pop(), w2_formats.pop()
+    if (bits, group) != (w2_bits, w2_group):
+        return []
+    gate = projections[0][0]
+    kernel = choose_moe_kernel(MoESpec(bits, group, gate.in_features, gate.out_features, len(projections), act_dtype,
+                                       gate.qweight.device.type, w13_codebook, w2_codebook, activation))
+    if kernel.name == "loop":
+        return []
+    for suffix in ("qweight", "scales", "offsets"):
+        tensors = [[getattr(linear, suffix).detach() for linear in p] for p in projections]
+        experts.register_buffer(f"w13_{suffix}", torch.stack([torch.cat([g, u]) for g, u, _ in tensors]),
+                                persistent=False)
+        experts.register_buffer(f"w2_{suffix}", torch.stack([d for *_, d in tensors]), persistent=False)
+    kernel.prepare(experts)
+    if kernel.owns_weights:
+        for name in kernel.spec.shapes():
+            experts.register_buffer(name, getattr(experts, name).new_empty(0), persistent=False)
+    experts.fused = lambda x, top_k_index, top_k_weights: kernel.apply(experts, x, top_k_weights, top_k_index)
+    return linears
 
 
 def replace_linears(model: nn.Module, fmt: DAQFormat) -> int:

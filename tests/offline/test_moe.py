@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import daq_vllm  # noqa: F401  (registers the transformers quantizer)
+from conftest import require_cpu_kernel
 from daq_vllm.errors import DAQError
 from daq_vllm.experts import CALIBRATE_ALL, defuse_experts, expert_modules
 from daq_vllm.format.check import check_checkpoint
-from daq_vllm.integrations.transformers import DAQLinear
+from daq_vllm.integrations.transformers import DAQLinear, select_kernels
 from daq_vllm.offline.calibration import CalibSpec
 from daq_vllm.offline.options import recipe_options
 from daq_vllm.offline.pipeline import QuantizeOptions, quantize_model
@@ -63,6 +64,30 @@ def test_defused_experts_compute_what_transformers_computes(moe_sources, arch):
     torch.testing.assert_close(every, ref, rtol=1e-5, atol=1e-6)  # all experts compute, routed outputs flow on
 
 
+def test_experts_with_their_own_codebooks_compute_one_by_one_in_transformers(moe_sources, tmp_path):
+    """A layer whose experts do not share one codebook per projection (not what the quantizer writes,
+    but a hand-edited format could say so) keeps the per-expert path; the other layer stays fused."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    require_cpu_kernel()
+    out = tmp_path / "q"
+    quantize_model(str(moe_sources["mixtral"]), out,
+                   QuantizeOptions(format="fp4_e2m1", group_size=64, init=InitSpec("dca"), progress=False))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        fused_logits = model(IDS).logits
+    first, second = expert_modules(model).values()
+    down = first[2].w2
+    down.fmt = replace(down.fmt, codebook=[1.5 * v for v in down.fmt.codebook])  # its codes now mean other values
+    select_kernels(model)
+    assert first.fused is None and second.fused is not None
+    assert down.kernel is not None  # it computes with its own kernel again
+    with torch.no_grad():
+        assert not torch.allclose(model(IDS).logits, fused_logits, atol=1e-4)  # the edited codebook is used
+
+
 @pytest.mark.parametrize("arch", list(MOE_MODELS))
 def test_every_expert_is_quantized_and_reloads_as_its_fake_quant(moe_sources, arch, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -94,6 +119,14 @@ def test_every_expert_is_quantized_and_reloads_as_its_fake_quant(moe_sources, ar
             reference.get_submodule(name).weight.data = module.dequantized_weight()
             swapped += 1
     assert swapped == report["quantized_linears"]
+    # On CPU the fused `cpu_moe` kernel computes each layer's experts at once, as in vLLM.
+    require_cpu_kernel()
+    layers = expert_modules(model).values()
+    assert len(layers) == 2 and all(e.fused is not None for e in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+    select_kernels(model, "torch")  # a forced dense kernel computes every expert projection itself
+    assert all(e.fused is None for e in layers)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
