@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -249,17 +250,12 @@ SPEED_GOALS = [(1, 2.6), (16, 2.0), (64, 1.3), (256, 0.9), (1024, 0.95), (4096, 
 NF4_WITHIN = 1.2  # nf4 at most 20% slower than fp4_e2m1 from M = 16 up
 
 
-def _median(values: list[float]) -> float:
-    values, half = sorted(values), len(values) // 2
-    return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
-
-
 def _paired_ratio(faster: dict, slower: dict, m: int) -> float | None:
     """Median over shapes measured in both runs of time(slower) / time(faster) at M."""
     times = {(r["model"], r["linear"]): r["daq_ms"] for r in faster["rows"] if r["M"] == m}
     ratios = [r["daq_ms"] / times[(r["model"], r["linear"])] for r in slower["rows"]
               if r["M"] == m and (r["model"], r["linear"]) in times]
-    return _median(ratios) if ratios else None
+    return statistics.median(ratios) if ratios else None
 
 
 def goals(result: dict) -> list[str]:
@@ -274,14 +270,14 @@ def goals(result: dict) -> list[str]:
     fp4 = runs.get("fp4_e2m1")
     for m, target in SPEED_GOALS:
         sub = [r for r in fp4["rows"] if r["M"] == m] if fp4 else []
-        value = _median([r["speedup_vs_fp16"] for r in sub]) if sub else None
+        value = statistics.median(r["speedup_vs_fp16"] for r in sub) if sub else None
         row(f"fp4_e2m1 M={m}: median x fp16 >= {target}", value, None if value is None else value >= target)
     vs4 = [r["speedup_vs_int4"] for r in (fp4["rows"] if fp4 else []) if r["M"] == 1 and r["speedup_vs_int4"]]
-    row("fp4_e2m1 M=1: median x PyTorch int4 >= 1.0", _median(vs4) if vs4 else None,
-        _median(vs4) >= 1.0 if vs4 else None)
+    vs4_median = statistics.median(vs4) if vs4 else None
+    row("fp4_e2m1 M=1: median x PyTorch int4 >= 1.0", vs4_median, None if vs4_median is None else vs4_median >= 1.0)
     nf4 = runs.get("nf4")
-    ratios = [v for m in sorted({r["M"] for r in (nf4["rows"] if nf4 else [])}) if m >= 16
-              for v in [_paired_ratio(fp4, nf4, m) if fp4 else None] if v is not None]
+    ms = sorted({r["M"] for r in nf4["rows"] if r["M"] >= 16}) if nf4 and fp4 else []
+    ratios = [v for v in (_paired_ratio(fp4, nf4, m) for m in ms) if v is not None]
     worst = max(ratios) if ratios else None
     row(f"nf4 time / fp4_e2m1 time, worst M >= 16: <= {NF4_WITHIN}", worst,
         None if worst is None else worst <= NF4_WITHIN)

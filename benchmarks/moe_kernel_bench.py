@@ -61,9 +61,10 @@ def make_spec(experts: int, hidden: int, inter: int, dtype: torch.dtype, device:
     return MoESpec(4, GROUP, hidden, inter, experts, dtype, device, w13_cb, w2_cb, "silu")
 
 
-def routing(tokens: int, experts: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.rand(tokens, experts, device=device).argsort(dim=1)[:, :TOP_K].to(torch.int32)
-    return torch.softmax(torch.randn(tokens, TOP_K, device=device), dim=1), ids
+def routing(tokens: int, experts: int, device: str, top_k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random distinct experts per token (int32 ids) and softmax weights."""
+    ids = torch.rand(tokens, experts, device=device).argsort(dim=1)[:, :top_k].to(torch.int32)
+    return torch.softmax(torch.randn(tokens, top_k, device=device), dim=1), ids
 
 
 def prepared(name: str, spec: MoESpec, layer: torch.nn.Module):

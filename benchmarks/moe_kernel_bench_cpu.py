@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, contention_line, cpu_info, cpu_line, cpu_seconds, others_busy, write_results
 from kernel_bench_cpu import copies_for, cycling, last_level_cache_bytes, median_s
-from moe_kernel_bench import fp16_experts, make_layer, make_spec, prepared, rel_err, torch_loop
+from moe_kernel_bench import fp16_experts, make_layer, make_spec, prepared, rel_err, routing, torch_loop
 
 from daq_vllm.kernels import moe_reference
 
@@ -40,11 +40,6 @@ TOKENS = [1, 4, 16, 128]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # max |y - ref| / max |ref|
 KERNELS = ("cpu_moe", "loop")
-
-
-def routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.rand(tokens, experts).argsort(dim=1)[:, :top_k].to(torch.int32)
-    return torch.softmax(torch.randn(tokens, top_k), dim=1), ids
 
 
 def layer_bytes(spec) -> int:
@@ -67,7 +62,7 @@ def bench_model(name: str, shape: tuple[int, int, int, int], args: argparse.Name
         dense = [fp16_experts(spec, layer) for layer in layers[: copies_for(dense_bytes, args.rotate_bytes)]]
         for t in args.tokens:
             x = torch.randn(t, hidden).to(dtype)
-            weights, ids = routing(t, experts, top_k)
+            weights, ids = routing(t, experts, "cpu", top_k)
             ref = moe_reference(spec, layers[0], x, weights, ids)
             row = {"model": name, "experts": experts, "hidden": hidden, "intermediate": inter, "top_k": top_k,
                    "dtype": dname, "T": t, "copies": copies}
