@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if "--smoke" in sys.argv:  # before triton is imported: it reads the flag then
     os.environ["TRITON_INTERPRET"] = "1"
@@ -31,11 +32,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, random_daq, write_results  # noqa: E402
+from triton_warmup import Launch, warm  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
 from daq_vllm.kernels import dequantize, pack_codes  # noqa: E402
 from daq_vllm.kernels.triton_v2_layout import repack  # noqa: E402
+
+if TYPE_CHECKING:
+    from daq_vllm.kernels.triton_gemm import KernelConfig
 
 SHAPES = {  # (N, K) of each linear (qkv and gate_up fused, as vLLM runs them)
     "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
@@ -75,59 +80,112 @@ def graph_ms(fn) -> float:
     return do_bench(graph.replay, return_mode="median")
 
 
-def bench_gpu(fmt: str, dtype: torch.dtype, shapes: dict, ms_list: list[int], save, deadline: float) -> dict:
-    """Times per (shape, M) with activations (and the fp16 baseline) in `dtype`; `save(result)` after
-    each shape, so a cut-off run keeps what it measured. Stops adding shapes after `deadline`."""
+def bench_gpu(fmts: list[str], dtype: torch.dtype, shapes: dict, ms_list: list[int], save, deadline: float) -> None:
+    """Times per (shape, M) for each format, with activations (and the fp16 baseline) in `dtype`.
+
+    Shapes outside, formats inside: a run cut short by `deadline` (checked before each shape) still
+    has every format on the same shapes, as the paired goals (nf4 / fp4, 3-bit / 4-bit) need.
+    `save(bench)` after each (shape, format), so a cut-off run keeps what it measured.
+    """
+    from daq_vllm.kernels import triton_gemm
+
+    device = "cuda"
+    dname = str(dtype).removeprefix("torch.")
+    run = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
+           "torch": torch.__version__, "copy_gbs": copy_bandwidth_gbs(device), "dtype": dname}
+    benches = [{**run, "format": fmt, "rows": [], "tuned": [], "cut_short": False} for fmt in fmts]
+    for model, layers in shapes.items():
+        for name, (n, k) in layers.items():
+            if time.monotonic() > deadline:
+                print(f"{dname}: time budget spent, stopping before {model} {name}", flush=True)
+                for bench in benches:
+                    bench["cut_short"] = True
+                    save(bench)
+                return
+            for bench in benches:
+                bench["rows"] += bench_shape(bench["format"], dtype, model, name, n, k, ms_list)
+                bench["tuned"] = triton_gemm.tuned_configs()
+                save(bench)
+
+
+def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
+    """One linear of one format at every M: ours (graph and eager), the dtype's cuBLAS, int4."""
     from triton.testing import do_bench
 
     from daq_vllm.kernels import triton_gemm
 
     device = "cuda"
     dname = str(dtype).removeprefix("torch.")
-    result = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
-              "torch": torch.__version__, "copy_gbs": copy_bandwidth_gbs(device), "format": fmt, "dtype": dname,
-              "rows": [], "tuned": [], "cut_short": False}
-    rows = result["rows"]
-    for model, layers in shapes.items():
-        for name, (n, k) in layers.items():
-            if time.monotonic() > deadline:
-                result["cut_short"] = True
-                print(f"{fmt} {dname}: time budget spent, stopping before {model} {name}", flush=True)
-                return result
-            cb = get_codebook(fmt)
-            q, s, b = random_daq(n, k, cb.bits, GROUP, device)
-            rp = repack(q, s, b, cb.values, cb.bits, GROUP, k)
-            cbt = cb.tensor(device)
-            e2m1 = decode_kind(cb.values) == "e2m1"
-            w16 = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-            anchor, why = int4_anchor(n, k, device)
-            weight_bytes = q.numel() * 4 + s.numel() * 2 + b.numel() * 2
-            for m in ms_list:
-                x = torch.randn(m, k, device=device, dtype=dtype)
-                xb = x.bfloat16()
+    cb = get_codebook(fmt)
+    q, s, b = random_daq(n, k, cb.bits, GROUP, device)
+    rp = repack(q, s, b, cb.values, cb.bits, GROUP, k)
+    cbt = cb.tensor(device)
+    e2m1 = decode_kind(cb.values) == "e2m1"
+    w16 = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+    anchor, why = int4_anchor(n, k, device)
+    weight_bytes = q.numel() * 4 + s.numel() * 2 + b.numel() * 2
+    rows = []
+    for m in ms_list:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        xb = x.bfloat16()
 
-                def ours():
-                    return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
+        def ours():
+            return triton_gemm.daq_linear_triton(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
 
-                t_daq = graph_ms(ours)
-                t_eager = do_bench(ours, return_mode="median")
-                t_fp16 = graph_ms(lambda: torch.nn.functional.linear(x, w16))
-                t_int4 = graph_ms(lambda: anchor(xb)) if anchor else None
-                cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
-                moved = weight_bytes + 2 * m * (k + n)
-                rows.append({
-                    "model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
-                    "daq_ms": t_daq, "daq_eager_ms": t_eager, "fp16_ms": t_fp16, "int4_ms": t_int4, "int4_note": why,
-                    "speedup_vs_fp16": t_fp16 / t_daq,
-                    "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
-                    "daq_gbs": moved / (t_daq * 1e-3) / 1e9,
-                })
-                print(f"{fmt} {dname} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
-                      f"{dname} {t_fp16 * 1e3:.1f} us, "
-                      f"int4 {t_int4 * 1e3 if t_int4 else float('nan'):.1f} us, x{t_fp16 / t_daq:.2f}", flush=True)
-            result["tuned"] = triton_gemm.tuned_configs()
-            save(result)
-    return result
+        t_daq = graph_ms(ours)
+        t_eager = do_bench(ours, return_mode="median")
+        t_fp16 = graph_ms(lambda: torch.nn.functional.linear(x, w16))
+        t_int4 = graph_ms(lambda: anchor(xb)) if anchor else None
+        cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
+        moved = weight_bytes + 2 * m * (k + n)
+        rows.append({
+            "model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
+            "daq_ms": t_daq, "daq_eager_ms": t_eager, "fp16_ms": t_fp16, "int4_ms": t_int4, "int4_note": why,
+            "speedup_vs_fp16": t_fp16 / t_daq,
+            "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
+            "daq_gbs": moved / (t_daq * 1e-3) / 1e9,
+        })
+        print(f"{fmt} {dname} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
+              f"{dname} {t_fp16 * 1e3:.1f} us, "
+              f"int4 {t_int4 * 1e3 if t_int4 else float('nan'):.1f} us, x{t_fp16 / t_daq:.2f}", flush=True)
+    return rows
+
+
+def bench_launches(fmts: list[str], dtypes: list[str], shapes: dict, ms_list: list[int]) -> list[Launch]:
+    """Every launch `bench_gpu` will make: the tuner's v1 and v2 candidates at each (shape, M)."""
+    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
+
+    return [Launch(fmt, GROUP, dtype, n, k, m, cfg)
+            for dtype in dtypes for fmt in fmts for layers in shapes.values() for n, k in layers.values()
+            for m in ms_list for cfg in candidate_configs(m) + v2_candidate_configs(m)]
+
+
+CHECK_NK = 1000  # not a multiple of any block; g 64/128 leave a partial last group
+CHECK_CASES = ([(fmt, g, "float16") for fmt in ("fp4_e2m1", "nf4", "int4", "fp3_e2m0", "int3") for g in (32, 64, 128)]
+               + [(fmt, 64, "bfloat16") for fmt in ("fp4_e2m1", "nf4", "fp3_e2m0")])
+
+
+def check_paths() -> list[tuple[int, KernelConfig]]:
+    """(M, config) of every path `check_gpu` runs: v1 gemv, gemm, dequant; v2 gemv2, mma."""
+    from daq_vllm.kernels.triton_gemm import KernelConfig
+
+    return [(1, KernelConfig("gemv", block_n=16, chunks_per_iter=2, split_k=1)),
+            (3, KernelConfig("gemv", block_n=8, chunks_per_iter=1, split_k=4)),
+            (16, KernelConfig("gemm", block_m=16, block_n=64, split_k=4)),
+            (64, KernelConfig("gemm", block_m=64, block_n=128, num_warps=4, num_stages=2)),
+            (300, KernelConfig("gemm", block_m=128, block_n=64, num_warps=8, num_stages=3)),
+            (300, KernelConfig("dequant")),
+            (1, KernelConfig("gemv2", block_n=32, split_k=1)),
+            (3, KernelConfig("gemv2", block_n=64, split_k=4)),
+            (1, KernelConfig("mma", block_m=16, block_n=64, split_k=4, num_stages=3)),
+            (16, KernelConfig("mma", block_m=16, block_n=128, split_k=1, num_stages=3)),
+            (64, KernelConfig("mma", block_m=64, block_n=64, split_k=2, num_stages=3)),
+            (300, KernelConfig("mma", block_m=128, block_n=128, num_warps=8, num_stages=2))]
+
+
+def check_launches() -> list[Launch]:
+    return [Launch(fmt, g, dtype, CHECK_NK, CHECK_NK, m, cfg, bias=True)
+            for fmt, g, dtype in CHECK_CASES for m, cfg in check_paths()]
 
 
 def check_gpu() -> dict:
@@ -135,23 +193,10 @@ def check_gpu() -> dict:
     from daq_vllm.kernels import triton_gemm as tg
 
     tg._new_output = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    n, k = 1000, 1000  # not multiples of any block; g 64/128 leave a partial last group
-    paths = [(1, tg.KernelConfig("gemv", block_n=16, chunks_per_iter=2, split_k=1)),
-             (3, tg.KernelConfig("gemv", block_n=8, chunks_per_iter=1, split_k=4)),
-             (16, tg.KernelConfig("gemm", block_m=16, block_n=64, split_k=4)),
-             (64, tg.KernelConfig("gemm", block_m=64, block_n=128, num_warps=4, num_stages=2)),
-             (300, tg.KernelConfig("gemm", block_m=128, block_n=64, num_warps=8, num_stages=3)),
-             (300, tg.KernelConfig("dequant"))]
-    paths += [(1, tg.KernelConfig("gemv2", block_n=32, split_k=1)),
-              (3, tg.KernelConfig("gemv2", block_n=64, split_k=4)),
-              (1, tg.KernelConfig("mma", block_m=16, block_n=64, split_k=4, num_stages=3)),
-              (16, tg.KernelConfig("mma", block_m=16, block_n=128, split_k=1, num_stages=3)),
-              (64, tg.KernelConfig("mma", block_m=64, block_n=64, split_k=2, num_stages=3)),
-              (300, tg.KernelConfig("mma", block_m=128, block_n=128, num_warps=8, num_stages=2))]
+    n = k = CHECK_NK
     rows, worst = [], 0.0
-    cases = [(fmt, g, torch.float16) for fmt in ("fp4_e2m1", "nf4", "int4", "fp3_e2m0", "int3") for g in (32, 64, 128)]
-    cases += [(fmt, 64, torch.bfloat16) for fmt in ("fp4_e2m1", "nf4", "fp3_e2m0")]
-    for fmt, g, dtype in cases:
+    for fmt, g, dtype_name in CHECK_CASES:
+        dtype = getattr(torch, dtype_name)
         cb = get_codebook(fmt)
         codes = torch.randint(0, 2**cb.bits, (n, k), device="cuda")
         groups = num_groups(k, g)
@@ -161,7 +206,7 @@ def check_gpu() -> dict:
         rp = repack(q, s, b, cb.values, cb.bits, g, k)
         w = dequantize(q, s, b, cb.tensor("cuda"), cb.bits, g, k).to(dtype).float()
         bias = torch.randn(n, device="cuda").to(dtype)
-        for m, cfg in paths:
+        for m, cfg in check_paths():
             x = torch.randn(m, k, device="cuda").to(dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             try:
@@ -292,6 +337,12 @@ def markdown_gpu(result: dict) -> str:
     lines = [f"# DAQ kernels: {result['device']}", ""]
     if "fp4_e2m1" in result["formats"]:  # an fp16 run
         lines += ["## Goals (issue 13, g128 fp16, median over the shapes measured)", ""] + goals(result) + [""]
+    warmed = result.get("warm_up")
+    if warmed:
+        lines += [f"Compile warm-up (benchmarks/triton_warmup.py, before any timing): {warmed['launches']} launches "
+                  f"in {warmed['jobs']} jobs on {warmed['workers']} processes, {warmed['seconds']:.0f} s, "
+                  f"{len(warmed['failures'])} failed (candidates the tuner then skips).", ""]
+        lines += [f"- warm-up failure: {f}" for f in warmed["failures"][:10]] + ([""] if warmed["failures"] else [])
     check = result.get("check")
     if check:
         lines += ["## GPU correctness", "",
@@ -332,7 +383,11 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16"],
                     help="activation dtypes (the baseline is cuBLAS in the same dtype)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
-                    help="stop starting new shapes after this many seconds (results so far are kept)")
+                    help="stop starting new shapes after this many seconds of measuring, counted from the end of the "
+                         "compile warm-up (results so far are kept)")
+    ap.add_argument("--warm-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="processes that compile every kernel the run launches before timing starts "
+                         "(benchmarks/triton_warmup.py; 0: none, the timing process compiles)")
     ap.add_argument("--tag", default="", help="results file kernels-<gpu>-<tag> (several runs side by side)")
     ap.add_argument("--write-configs", action="store_true",
                     help="ship the tuner's choices as kernels/configs/<gpu>.json (read before tuning at run time)")
@@ -350,12 +405,21 @@ def main() -> None:
         raise SystemExit("kernel_bench.py needs a CUDA GPU; use --smoke on CPU")
     from daq_vllm.kernels import triton_gemm
 
-    deadline = time.monotonic() + args.budget_s
+    shapes = {m: SHAPES[m] for m in args.models}
+    if args.warm_workers > 0:
+        launches = (check_launches() if args.check else []) + bench_launches(args.formats, args.dtypes, shapes, args.ms)
+        warmed = warm(launches, args.warm_workers)
+        print(warmed.line(), flush=True)
+        for failure in warmed.failures[:20]:
+            print("  warm-up:", failure, flush=True)
+    deadline = time.monotonic() + args.budget_s  # compiles done: the budget is for measuring
     result = {"device": torch.cuda.get_device_name(), "formats": {}}
+    if args.warm_workers > 0:
+        result["warm_up"] = {"launches": warmed.launches, "jobs": warmed.jobs, "seconds": warmed.seconds,
+                             "workers": args.warm_workers, "failures": warmed.failures}
     if args.check:
         result["check"] = check_gpu()
     gpu = triton_gemm.gpu_slug(result["device"])
-    shapes = {m: SHAPES[m] for m in args.models}
 
     def save(bench: dict) -> None:
         name = bench["format"] if bench["dtype"] == "float16" else f"{bench['format']} {bench['dtype']}"
@@ -366,8 +430,7 @@ def main() -> None:
             triton_gemm.save_configs(triton_gemm.CONFIGS_DIR / f"{gpu}.json", result["device"])
 
     for dtype in args.dtypes:
-        for fmt in args.formats:
-            save(bench_gpu(fmt, getattr(torch, dtype), shapes, args.ms, save, deadline))
+        bench_gpu(args.formats, getattr(torch, dtype), shapes, args.ms, save, deadline)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The fused MoE kernel (`triton_moe`) on a GPU: correctness, CUDA-graph capture and speed.
 
 For MoE layer shapes (experts, hidden, intermediate of Mixtral-8x7B and Qwen1.5-MoE-A2.7B), 4-bit
-g128 experts with random codebooks, top-2 routing and T tokens:
+g128 experts with the nf4 codebook (decoded through the table, as any learned codebook is; a named
+one so that `kernel_bench.py`'s compile warm-up serves the `loop` kernel too), top-2 routing and
+T tokens:
 - the largest error against `moe_reference` relative to its largest output (GEMM1's output poisoned
   with NaN, so a routed row the kernel forgets fails), fp16 and bf16;
 - whether one call captures in a CUDA graph and its replay gives the eager output (vLLM decodes
@@ -31,14 +33,18 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, write_results  # noqa: E402
+from triton_warmup import Launch, m_classes, warm  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
+from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.kernels import MoESpec, choose_moe_kernel, moe_reference, pack_codes  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": (8, 4096, 14336), "qwen1.5-moe-a2.7b": (60, 2048, 1408)}  # experts, hidden, intermediate
 TOKENS = [1, 16, 256]
+LOOP_MAX_T = 16  # `loop` is timed up to here: its dense tuner compiles per expert M class, minutes at T = 256
 TOP_K = 2
 GROUP = 128
+CODEBOOK = "nf4"
 
 
 def make_layer(spec: MoESpec, device: str) -> torch.nn.Module:
@@ -56,9 +62,18 @@ def make_layer(spec: MoESpec, device: str) -> torch.nn.Module:
 
 
 def make_spec(experts: int, hidden: int, inter: int, dtype: torch.dtype, device: str) -> MoESpec:
-    gen = torch.Generator().manual_seed(0)
-    w13_cb, w2_cb = (tuple(torch.sort(torch.rand(16, generator=gen) * 2 - 1).values.tolist()) for _ in range(2))
-    return MoESpec(4, GROUP, hidden, inter, experts, dtype, device, w13_cb, w2_cb, "silu")
+    values = get_codebook(CODEBOOK).values
+    return MoESpec(4, GROUP, hidden, inter, experts, dtype, device, values, values, "silu")
+
+
+def loop_launches(shapes: dict, tokens: list[int], dtypes: list[str]) -> list[Launch]:
+    """What the `loop` kernel's dense tuner will launch: each expert projection at every M class an
+    expert's token count can fall in (T up to LOOP_MAX_T), every candidate config."""
+    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
+
+    return [Launch(CODEBOOK, GROUP, dtype, n, k, m, cfg)
+            for e, h, i in shapes.values() for n, k in ((2 * i, h), (h, i)) for dtype in dtypes
+            for m in m_classes(min(max(tokens), LOOP_MAX_T)) for cfg in candidate_configs(m) + v2_candidate_configs(m)]
 
 
 def routing(tokens: int, experts: int, device: str, top_k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +159,12 @@ def bench_gpu(shapes: dict, tokens: list[int], dtypes: list[torch.dtype], deadli
                 except Exception as ex:  # noqa: BLE001 - recorded: capture is one of the things checked here
                     row["graph_equal"], row["graph_error"] = False, f"{type(ex).__name__}: {str(ex)[:120]}"
                 row["fused_ms"] = do_bench(lambda: fused.apply(layer, x, weights, ids), return_mode="median")
-                row["loop_ms"] = do_bench(lambda: loop.apply(layer, x, weights, ids), return_mode="median")
+                row["loop_ms"] = (do_bench(lambda: loop.apply(layer, x, weights, ids), return_mode="median")
+                                  if t <= LOOP_MAX_T else None)
                 row["fp16_loop_ms"] = do_bench(lambda: torch_loop(x, weights, ids, w13, w2), return_mode="median")
                 rows.append(row)
                 print(f"{name} {dtype} T={t}: err {err:.1e}, graph {row['graph_equal']}, fused "
-                      f"{row['fused_ms'] * 1e3:.0f} us, loop {row['loop_ms'] * 1e3:.0f} us, "
+                      f"{row['fused_ms'] * 1e3:.0f} us, loop {(row['loop_ms'] or float('nan')) * 1e3:.0f} us, "
                       f"fp16 loop {row['fp16_loop_ms'] * 1e3:.0f} us", flush=True)
             save(result)
     return result
@@ -173,15 +189,17 @@ def markdown(result: dict) -> str:
     if "fused_ms" not in (result["rows"][0] if result["rows"] else {}):
         return "\n".join(lines + ["Smoke run (Triton interpreter): correctness only.", ""]
                          + [f"- T={r['T']}: max rel err {r['max_rel_err']:.1e}" for r in result["rows"]]) + "\n"
-    lines += ["4-bit g128 experts, top-2, random routing. Times are medians of `do_bench` (L2 flushed); `graph` is",
-              "the fused kernel replayed from a CUDA graph. fp16 loop: unquantized experts through a torch loop.",
+    lines += [f"4-bit g128 experts ({CODEBOOK}), top-2, random routing. Times are medians of `do_bench` (L2 flushed);",
+              "`graph` is the fused kernel replayed from a CUDA graph. fp16 loop: unquantized experts through a torch",
+              f"loop. The `loop` kernel is timed up to T = {LOOP_MAX_T} (its tuner would compile for minutes above).",
               "Cut short by the time budget." if result.get("cut_short") else "", "",
               "| model | dtype | T | rel err | graph ok | fused us | graph us | loop us | fp16 loop us |",
               "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         graph = f"{r['fused_graph_ms'] * 1e3:.0f}" if "fused_graph_ms" in r else r.get("graph_error", "n/a")
+        loop = "n/a" if r["loop_ms"] is None else f"{r['loop_ms'] * 1e3:.0f}"
         lines.append(f"| {r['model']} | {r['dtype'].removeprefix('torch.')} | {r['T']} | {r['max_rel_err']:.1e} | "
-                     f"{r['graph_equal']} | {r['fused_ms'] * 1e3:.0f} | {graph} | {r['loop_ms'] * 1e3:.0f} | "
+                     f"{r['graph_equal']} | {r['fused_ms'] * 1e3:.0f} | {graph} | {loop} | "
                      f"{r['fp16_loop_ms'] * 1e3:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +211,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16"])
     ap.add_argument("--budget-s", type=float, default=float("inf"),
-                    help="stop starting new shapes after this many seconds (results so far are kept)")
+                    help="stop starting new shapes after this many seconds of measuring, counted from the end of "
+                         "the compile warm-up (results so far are kept)")
+    ap.add_argument("--warm-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="processes that compile the `loop` kernel's launches before timing starts "
+                         "(benchmarks/triton_warmup.py; 0: none)")
     ap.add_argument("--results", type=Path, default=None,
                     help="where the results files go (default: benchmarks/results on a GPU; a smoke run writes "
                          "files only when given this)")
@@ -210,8 +232,12 @@ def main() -> None:
     def save(result: dict) -> None:
         write_results(f"moe-kernels-{gpu_slug(result['device'])}", result, markdown(result), args.results or RESULTS)
 
-    save(bench_gpu({m: SHAPES[m] for m in args.models}, args.tokens, [getattr(torch, d) for d in args.dtypes],
-                   time.monotonic() + args.budget_s, save))
+    shapes = {m: SHAPES[m] for m in args.models}
+    if args.warm_workers > 0:
+        warmed = warm(loop_launches(shapes, args.tokens, args.dtypes), args.warm_workers)
+        print(warmed.line(), flush=True)
+    save(bench_gpu(shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], time.monotonic() + args.budget_s,
+                   save))
 
 
 if __name__ == "__main__":

@@ -146,9 +146,34 @@ def test_kernel_benchmark_smoke_runs(tmp_path):
     assert "Not measured on GPU" in (tmp_path / "kernels-smoke.md").read_text()
 
 
-def test_kernel_benchmark_goals_table():
-    """The issue's goals computed from a results file: medians over shapes, paired nf4 / 3-bit ratios,
-    and 'not measured' for what a run did not cover."""
+def test_kernel_warmup_compiles_each_config_in_one_worker(monkeypatch):
+    """The GPU benchmark's compile warm-up (benchmarks/triton_warmup.py): launches grouped so one job
+    holds one config of one format (no two workers compile the same kernel), repeats dropped, every
+    launch made in spawned workers, a failing one reported rather than raised."""
+    from pathlib import Path
+
+    require(HAVE_TRITON, "triton is not installed")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_warmup import Launch, jobs, warm
+
+    from daq_vllm.kernels.triton_gemm import KernelConfig
+
+    gemm = KernelConfig("gemm", block_m=16, block_n=64)
+    mma = KernelConfig("mma", block_m=16, block_n=64, split_k=1)
+    launches = [Launch("nf4", 64, "float16", N, K, m, gemm) for m in (1, 5)]
+    launches += [Launch("nf4", 64, "float16", N, K, 1, gemm),  # a repeat
+                 Launch("int3", 64, "float16", N, K, 1, gemm),  # another format: its own job
+                 Launch("nf4", 48, "float16", N, 96, 1, mma)]  # g48: no v2 layout, so mma fails
+    grouped = jobs(launches)
+    assert [[(j.fmt, j.m) for j in job] for job in grouped] == [[("nf4", 1), ("nf4", 5)], [("int3", 1)], [("nf4", 1)]]
+    warmed = warm(launches, workers=2, device="cpu")
+    assert (warmed.jobs, warmed.launches) == (3, 4)
+    assert len(warmed.failures) == 1
+    assert "group=48" in warmed.failures[0] and "ValueError: the mma path needs the v2 layout" in warmed.failures[0]
+    assert warmed.line().startswith("warm-up: 4 launches in 3 jobs, 1 failed")
+
+
+def load_kernel_bench():
     import importlib.util
     from pathlib import Path
 
@@ -156,6 +181,36 @@ def test_kernel_benchmark_goals_table():
     spec = importlib.util.spec_from_file_location("kernel_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_kernel_benchmark_cut_short_keeps_formats_paired(monkeypatch):
+    """The GPU benchmark runs every format on a shape before the next shape, so a run its time budget
+    cuts short still pairs nf4 with fp4_e2m1 on the same shapes (the paired goals need that)."""
+    from types import SimpleNamespace
+
+    require(HAVE_TRITON, "triton is not installed")
+    bench = load_kernel_bench()
+    clock = iter(range(100))  # each deadline check is one second later
+    monkeypatch.setattr(bench, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 1.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "GPU X")
+    monkeypatch.setattr(bench, "bench_shape", lambda fmt, dtype, model, name, n, k, ms:
+                        [{"model": model, "linear": name, "M": m} for m in ms])
+    saved = {}
+    bench.bench_gpu(["fp4_e2m1", "nf4"], torch.float16, bench.SHAPES, [1, 16], lambda b: saved.update({b["format"]: b}),
+                    deadline=1.5)  # the checks at 0 and 1 pass, the one at 2 stops the run
+    first_two = [(model, name) for model, layers in bench.SHAPES.items() for name in layers][:2]
+    for fmt in ("fp4_e2m1", "nf4"):
+        assert saved[fmt]["cut_short"] and saved[fmt]["dtype"] == "float16"
+        assert [(r["model"], r["linear"], r["M"]) for r in saved[fmt]["rows"]] == [
+            (model, name, m) for model, name in first_two for m in (1, 16)]
+
+
+def test_kernel_benchmark_goals_table():
+    """The issue's goals computed from a results file: medians over shapes, paired nf4 / 3-bit ratios,
+    and 'not measured' for what a run did not cover."""
+    bench = load_kernel_bench()
 
     def rows(ms_by_m: dict[int, list[float]], fp16_ms: float = 1.0) -> dict:
         return {"rows": [{"model": "m", "linear": f"l{i}", "M": m, "daq_ms": t, "speedup_vs_fp16": fp16_ms / t,
