@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared GPU run for the Triton kernels (issues 13 and 15), about 6-7 minutes on an H100/H200:
+# The one prepared GPU run for the Triton kernels (issues 13 and 15), about 7 minutes on an H100/H200
+# (run it with the device tool's limit, 600 s):
 #   0. each kernel_bench step first compiles every kernel it will launch, on all but one host core
 #      (benchmarks/triton_warmup.py), so its time budget measures instead of compiling;
 #   1. every v1 and v2 path and format against the torch reference, outputs poisoned (--check);
-#   2. fp4_e2m1 and nf4 g128 (interleaved per shape), fp16, Llama-2-7B/Llama-3-8B shapes, M = 1..4096, vs cuBLAS and
-#      PyTorch's int4 kernel, the tuner choosing among v1 and v2 per shape (the goals table);
-#   3. fp4_e2m1 with bf16 activations, and the 3-bit formats beside fp4_e2m1, at a few M;
-#   4. the fused MoE kernel: correctness, CUDA-graph capture, speed (moe_kernel_bench.py).
-# Results: kernels-<gpu>*.md/json, moe-kernels-<gpu>.md/json and the tuned configs <gpu>.json (ship them as
-# kernels/configs/<gpu>.json) in $OUT (the device tool's folder) or benchmarks/results.
+#   2. fp4_e2m1 and nf4 g128 (interleaved per shape), fp16, Llama-2-7B/Llama-3-8B shapes, M = 1..4096,
+#      against cuBLAS and PyTorch's int4 kernel, the tuner choosing v1 or v2 per shape (the goals table);
+#   3. a DAQ checkpoint through transformers on CUDA: every linear on the triton kernel with the v2
+#      layout, logits against the torch kernel, the tuner's path per shape (gpu_loader_check.py);
+#   4. the 3-bit formats beside fp4_e2m1 at M = 1 and 16;
+#   5. the fused MoE kernel: correctness, CUDA-graph capture, speed (moe_kernel_bench.py);
+#   6. fp4_e2m1 with bf16 activations at a few M.
+# Results: kernels-<gpu>*.md/json, loader-<gpu>.md/json, moe-kernels-<gpu>.md/json and the tuned
+# configs <gpu>.json (ship them as kernels/configs/<gpu>.json) in $OUT (the device tool's folder) or
+# benchmarks/results.
 # Every step runs under its own timeout and a failed step does not stop the next (each writes its
 # results as it goes); the failures are listed in $RESULTS/failures.txt and the exit status is 1.
 # Needs torch with CUDA and triton; daq-vllm installed, or run from the repository as here.
@@ -42,10 +47,12 @@ step() {  # step SECONDS COMMAND...: run it under a timeout, note a failure and 
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv | tee "$RESULTS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
 bench=(python benchmarks/kernel_bench.py --results "$RESULTS" --write-configs)
-step 300 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 120
-step 75 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 25
+# Most needed first: if the run nears the device tool's 10-minute limit, what is cut is the last step.
+step 280 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 100
+step 90 python benchmarks/gpu_loader_check.py --results "$RESULTS"
 step 85 "${bench[@]}" --tag 3bit --formats fp4_e2m1 fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 35
-step 120 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 40
+step 100 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 30
+step 75 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 25
 cp kernels/configs/*.json "$RESULTS/" || failed=1
 echo "== $(date +%T) done, failed=$failed"
 exit "$failed"

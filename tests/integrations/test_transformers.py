@@ -1,5 +1,6 @@
 """transformers with the kernel layer: each kernel chosen once per layer gives the same greedy tokens."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -52,3 +53,21 @@ def test_forcing_a_kernel_that_cannot_run_fails_eval_with_one_line(checkpoint):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("daq-vllm: error: DAQ_KERNEL=triton cannot run the layer ")
     assert "needs a CUDA device (or TRITON_INTERPRET=1 on CPU), the layer is on cpu" in proc.stderr
+
+
+def test_gpu_loader_check_smoke_runs(tmp_path):
+    """The GPU script's loader step in its CPU mode (benchmarks/gpu_loader_check.py; gpu_check.sh runs
+    it on CUDA): a checkpoint through transformers with every linear on the triton kernel and its v2
+    layout, logits equal to the torch kernel's."""
+    import json
+    from pathlib import Path
+
+    require(importlib.util.find_spec("triton") is not None, "triton is not installed")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_loader_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "loader-smoke.json").read_text())
+    assert result["kernels"] == ["triton"] and result["v2_layout"] == result["linears"] == 7
+    assert all(err < 1e-5 for err in result["rel_err"].values())  # fp32 on CPU: the same products
+    assert "Result: ok." in (tmp_path / "loader-smoke.md").read_text()
