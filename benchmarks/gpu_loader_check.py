@@ -28,7 +28,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, write_results  # noqa: E402
-from triton_warmup import Launch, warm  # noqa: E402
+from triton_warmup import Launch, exclude, warm  # noqa: E402
 
 FORMAT, GROUP = "fp4_e2m1", 128
 GPU_MODEL = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
@@ -105,7 +105,9 @@ def check(smoke: bool, warm_workers: int) -> dict:
               "linears": len(layers), "kernels": sorted({m.kernel.name for m in layers.values()}),
               "v2_layout": sum(bool(m.kernel.v2_decode) for m in layers.values())}
     if not smoke and warm_workers > 0:
-        result["warm_up_s"] = warm(warm_launches(model, dtype), warm_workers).seconds
+        warmed = warm(warm_launches(model, dtype), warm_workers)
+        exclude(warmed.crashed)
+        result["warm_up"] = warmed.line()
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     ours, ref = logits(model, ids.to(device)), logits(reference, ids.to(device))
     result["rel_err"] = {m: ((ours[m] - ref[m]).abs().max() / ref[m].abs().max()).item() for m in ours}

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, random_daq, write_results  # noqa: E402
-from triton_warmup import Launch, warm  # noqa: E402
+from triton_warmup import Launch, exclude, faulty, warm  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
@@ -93,7 +93,7 @@ def bench_gpu(fmts: list[str], dtype: torch.dtype, shapes: dict, ms_list: list[i
     dname = str(dtype).removeprefix("torch.")
     run = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
            "torch": torch.__version__, "copy_gbs": copy_bandwidth_gbs(device), "dtype": dname}
-    benches = [{**run, "format": fmt, "rows": [], "tuned": [], "cut_short": False} for fmt in fmts]
+    benches = [{**run, "format": fmt, "rows": [], "errors": [], "tuned": [], "cut_short": False} for fmt in fmts]
     for model, layers in shapes.items():
         for name, (n, k) in layers.items():
             if time.monotonic() > deadline:
@@ -103,13 +103,15 @@ def bench_gpu(fmts: list[str], dtype: torch.dtype, shapes: dict, ms_list: list[i
                     save(bench)
                 return
             for bench in benches:
-                bench["rows"] += bench_shape(bench["format"], dtype, model, name, n, k, ms_list)
+                bench["rows"] += bench_shape(bench["format"], dtype, model, name, n, k, ms_list, bench["errors"])
                 bench["tuned"] = triton_gemm.tuned_configs()
                 save(bench)
 
 
-def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: int, ms_list: list[int]) -> list[dict]:
-    """One linear of one format at every M: ours (graph and eager), the dtype's cuBLAS, int4."""
+def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: int, ms_list: list[int],
+                errors: list[str]) -> list[dict]:
+    """One linear of one format at every M: ours (graph and eager), the dtype's cuBLAS, int4. A
+    failed M (say a capture error) is added to `errors` and the others still run."""
     from triton.testing import do_bench
 
     from daq_vllm.kernels import triton_gemm
@@ -124,8 +126,8 @@ def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: 
     w16 = torch.randn(n, k, device=device, dtype=dtype) * 0.02
     anchor, why = int4_anchor(n, k, device)
     weight_bytes = q.numel() * 4 + s.numel() * 2 + b.numel() * 2
-    rows = []
-    for m in ms_list:
+
+    def row(m: int) -> dict:
         x = torch.randn(m, k, device=device, dtype=dtype)
         xb = x.bfloat16()
 
@@ -137,17 +139,21 @@ def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: 
         t_fp16 = graph_ms(lambda: torch.nn.functional.linear(x, w16))
         t_int4 = graph_ms(lambda: anchor(xb)) if anchor else None
         cfg = triton_gemm._tuned(x, q, s, b, cbt, cb.bits, GROUP, e2m1, None, rp)
-        moved = weight_bytes + 2 * m * (k + n)
-        rows.append({
-            "model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
-            "daq_ms": t_daq, "daq_eager_ms": t_eager, "fp16_ms": t_fp16, "int4_ms": t_int4, "int4_note": why,
-            "speedup_vs_fp16": t_fp16 / t_daq,
-            "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
-            "daq_gbs": moved / (t_daq * 1e-3) / 1e9,
-        })
         print(f"{fmt} {dname} {model} {name} M={m}: daq {t_daq * 1e3:.1f} us ({cfg.describe()}), "
               f"{dname} {t_fp16 * 1e3:.1f} us, "
               f"int4 {t_int4 * 1e3 if t_int4 else float('nan'):.1f} us, x{t_fp16 / t_daq:.2f}", flush=True)
+        return {"model": model, "linear": name, "N": n, "K": k, "M": m, "config": cfg.describe(),
+                "daq_ms": t_daq, "daq_eager_ms": t_eager, "fp16_ms": t_fp16, "int4_ms": t_int4, "int4_note": why,
+                "speedup_vs_fp16": t_fp16 / t_daq, "speedup_vs_int4": (t_int4 / t_daq) if t_int4 else None,
+                "daq_gbs": (weight_bytes + 2 * m * (k + n)) / (t_daq * 1e-3) / 1e9}
+
+    rows = []
+    for m in ms_list:
+        try:
+            rows.append(row(m))
+        except Exception as e:  # noqa: BLE001 - reported with the results; the run goes on
+            errors.append(f"{model} {name} M={m}: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
+            print(f"{fmt} {dname} FAILED {errors[-1]}", flush=True)
     return rows
 
 
@@ -188,8 +194,9 @@ def check_launches() -> list[Launch]:
             for fmt, g, dtype in CHECK_CASES for m, cfg in check_paths()]
 
 
-def check_gpu() -> dict:
-    """Every kernel path and format on the GPU against the torch reference, outputs poisoned with NaN."""
+def check_gpu(crashed: list[Launch]) -> dict:
+    """Every kernel path and format on the GPU against the torch reference, outputs poisoned with NaN;
+    a config whose launch lost a warm-up worker's CUDA context (`crashed`) fails without running."""
     from daq_vllm.kernels import triton_gemm as tg
 
     tg._new_output = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -210,6 +217,8 @@ def check_gpu() -> dict:
             x = torch.randn(m, k, device="cuda").to(dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             try:
+                if faulty(cfg, crashed):
+                    raise RuntimeError("left out: a launch of it lost the CUDA context in the warm-up")
                 y = tg.run_path(cfg, x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
                                 bias, rp)
                 ref = x.float() @ w.T + bias.float()
@@ -341,7 +350,8 @@ def markdown_gpu(result: dict) -> str:
     if warmed:
         lines += [f"Compile warm-up (benchmarks/triton_warmup.py, before any timing): {warmed['launches']} launches "
                   f"in {warmed['jobs']} jobs on {warmed['workers']} processes, {warmed['seconds']:.0f} s, "
-                  f"{len(warmed['failures'])} failed (candidates the tuner then skips).", ""]
+                  f"{len(warmed['failures'])} failed (candidates the tuner then skips), "
+                  f"{len(warmed['crashed'])} of them losing the CUDA context (their configs left out).", ""]
         lines += [f"- warm-up failure: {f}" for f in warmed["failures"][:10]] + ([""] if warmed["failures"] else [])
     check = result.get("check")
     if check:
@@ -355,7 +365,8 @@ def markdown_gpu(result: dict) -> str:
     for run, bench in result["formats"].items():
         lines += [f"## {run}" + (" (cut short by the time budget)" if bench.get("cut_short") else ""), "",
                   f"Speed-ups over {bench.get('dtype', 'float16')} cuBLAS, worst and median over the shapes:", ""]
-        lines += summary(bench["rows"]) + [""]
+        lines += [f"- FAILED {e}" for e in bench.get("errors", [])] + ([""] if bench.get("errors") else [])
+        lines += (summary(bench["rows"]) + [""]) if bench["rows"] else []
         lines += markdown(bench, False).splitlines()[2:] + [""]
     return "\n".join(lines) + "\n"
 
@@ -406,26 +417,34 @@ def main() -> None:
     from daq_vllm.kernels import triton_gemm
 
     shapes = {m: SHAPES[m] for m in args.models}
+    result = {"device": torch.cuda.get_device_name(), "formats": {}}
+    crashed = []
     if args.warm_workers > 0:
         launches = (check_launches() if args.check else []) + bench_launches(args.formats, args.dtypes, shapes, args.ms)
         warmed = warm(launches, args.warm_workers)
         print(warmed.line(), flush=True)
         for failure in warmed.failures[:20]:
             print("  warm-up:", failure, flush=True)
-    deadline = time.monotonic() + args.budget_s  # compiles done: the budget is for measuring
-    result = {"device": torch.cuda.get_device_name(), "formats": {}}
-    if args.warm_workers > 0:
+        crashed = warmed.crashed
+        exclude(crashed)
         result["warm_up"] = {"launches": warmed.launches, "jobs": warmed.jobs, "seconds": warmed.seconds,
-                             "workers": args.warm_workers, "failures": warmed.failures}
-    if args.check:
-        result["check"] = check_gpu()
+                             "workers": args.warm_workers, "failures": warmed.failures,
+                             "crashed": [str(launch) for launch in crashed]}
+    deadline = time.monotonic() + args.budget_s  # compiles done: the budget is for measuring
     gpu = triton_gemm.gpu_slug(result["device"])
+
+    def publish() -> None:
+        write_results(f"kernels-{gpu}" + (f"-{args.tag}" if args.tag else ""), result, markdown_gpu(result),
+                      args.results)
+
+    if args.check:
+        result["check"] = check_gpu(crashed)
+        publish()
 
     def save(bench: dict) -> None:
         name = bench["format"] if bench["dtype"] == "float16" else f"{bench['format']} {bench['dtype']}"
         result["formats"][name] = bench
-        write_results(f"kernels-{gpu}" + (f"-{args.tag}" if args.tag else ""), result, markdown_gpu(result),
-                      args.results)
+        publish()
         if args.write_configs:
             triton_gemm.save_configs(triton_gemm.CONFIGS_DIR / f"{gpu}.json", result["device"])
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, write_results  # noqa: E402
-from triton_warmup import Launch, m_classes, warm  # noqa: E402
+from triton_warmup import Launch, exclude, m_classes, warm  # noqa: E402
 
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import get_codebook  # noqa: E402
@@ -236,6 +236,7 @@ def main() -> None:
     if args.warm_workers > 0:
         warmed = warm(loop_launches(shapes, args.tokens, args.dtypes), args.warm_workers)
         print(warmed.line(), flush=True)
+        exclude(warmed.crashed)
     save(bench_gpu(shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], time.monotonic() + args.budget_s,
                    save))
 

@@ -14,17 +14,26 @@ dtypes and strides), so the cache keys are exactly those of the later calls.
 Launches are grouped into jobs by everything but the shape and M: one job holds one config of one
 format, so no two workers compile the same kernel (a worker reuses its own compiles across shapes).
 A launch that fails (a candidate that does not fit this GPU, which the tuner skips too) is counted
-and reported, not raised.
+and reported, not raised. A launch that loses the worker's CUDA context (an illegal address: every
+later call in that process fails) is noted, the worker ends, and the jobs it left run in a new
+pool without that config (`faulty`: the config, or its whole path once CRASHES_PER_PATH of its
+configs crashed); `exclude` keeps the same out of the timing process's tuner, so a faulty kernel
+costs its own numbers, not the run's.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,16 +58,18 @@ class Launch:
 
 @dataclass(frozen=True)
 class Warmed:
-    """What a warm-up did: jobs (one per worker task), launches, the failed ones and the wall time."""
+    """What a warm-up did: jobs (one per worker task), launches, the failed ones (text), the ones
+    that lost their process's CUDA context, and the wall time."""
 
     jobs: int
     launches: int
     failures: list[str]
+    crashed: list[Launch]
     seconds: float
 
     def line(self) -> str:
-        return (f"warm-up: {self.launches} launches in {self.jobs} jobs, {len(self.failures)} failed, "
-                f"{self.seconds:.0f} s")
+        return (f"warm-up: {self.launches} launches in {self.jobs} jobs, {len(self.failures)} failed "
+                f"({len(self.crashed)} lost the CUDA context), {self.seconds:.0f} s")
 
 
 def m_classes(max_m: int) -> list[int]:
@@ -99,7 +110,26 @@ def _layer(fmt: str, group: int, n: int, k: int, device: str) -> tuple:
     return _LAYERS[key]
 
 
-def run_job(job: list[Launch], device: str) -> list[str]:
+def note_crash(crash_dir: str, launch: Launch, error: str) -> None:
+    """Leave word of the launch that lost this process's CUDA context, then end the process (nothing
+    more can run in it)."""
+    Path(crash_dir, f"{os.getpid()}.json").write_text(json.dumps({"launch": asdict(launch), "error": error}))
+    os._exit(70)
+
+
+def _read_crashes(crash_dir: str) -> list[tuple[Launch, str]]:
+    from daq_vllm.kernels.triton_gemm import KernelConfig
+
+    found = []
+    for path in sorted(Path(crash_dir).glob("*.json")):
+        note = json.loads(path.read_text())
+        fields = note["launch"]
+        found.append((Launch(**{**fields, "cfg": KernelConfig(**fields["cfg"])}), note["error"]))
+        path.unlink()
+    return found
+
+
+def run_job(job: list[Launch], device: str, crash_dir: str) -> list[str]:
     """Make every launch of one job once (compiling what the cache lacks); the failures as text."""
     from daq_vllm.kernels.triton_gemm import run_path
 
@@ -114,22 +144,70 @@ def run_job(job: list[Launch], device: str) -> list[str]:
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported; the tuner skips such a candidate too
-            failures.append(f"{launch}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if device == "cuda" and not _context_alive():
+                note_crash(crash_dir, launch, error)
+            failures.append(f"{launch}: {error}")
     return failures
 
 
-def warm(launches: list[Launch], workers: int, device: str = "cuda") -> Warmed:
-    """Run `launches` in `workers` fresh processes (spawned: CUDA cannot be forked). A worker that
-    dies (a kernel that crashes the process) ends the warm-up with that as a failure: the caller
-    goes on, compiling what is left itself."""
+def _context_alive() -> bool:
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except RuntimeError:
+        return False
+
+
+Runner = Callable[[list[Launch], str, str], list[str]]
+CRASHES_PER_PATH = 3  # crashed configs after which a whole path (say every `mma` config) is left out
+
+
+def faulty(cfg: KernelConfig, crashed: list[Launch]) -> bool:
+    """Whether `cfg` is left out after the `crashed` launches: its own crash, or its path's."""
+    bad = {launch.cfg for launch in crashed}
+    return cfg in bad or sum(c.path == cfg.path for c in bad) >= CRASHES_PER_PATH
+
+
+def warm(launches: list[Launch], workers: int, device: str = "cuda", runner: Runner = run_job) -> Warmed:
+    """Run `launches` (`runner(job, device, crash_dir)` per job) in `workers` fresh processes
+    (spawned: CUDA cannot be forked). When a worker ends on a lost context, the launch that lost it
+    is recorded and dropped, and the jobs not finished run again in a new pool."""
     start = time.monotonic()
     grouped = jobs(launches)
-    failures: list[str] = []
+    pending, failures, crashed = list(grouped), [], []
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(grouped))), mp_context=ctx) as pool:
-        try:
-            for job_failures in pool.map(run_job, grouped, [device] * len(grouped)):
-                failures += job_failures
-        except BrokenProcessPool as e:
-            failures.append(f"a worker process died, warm-up stopped: {e}")
-    return Warmed(len(grouped), sum(len(j) for j in grouped), failures, time.monotonic() - start)
+    with tempfile.TemporaryDirectory() as crash_dir:
+        while pending:
+            done: set[int] = set()
+            with ProcessPoolExecutor(max_workers=max(1, min(workers, len(pending))), mp_context=ctx) as pool:
+                futures = {pool.submit(runner, job, device, crash_dir): i for i, job in enumerate(pending)}
+                try:
+                    for future in as_completed(futures):
+                        failures += future.result()
+                        done.add(futures[future])
+                except BrokenProcessPool:
+                    pass
+            lost = _read_crashes(crash_dir)
+            if len(done) < len(pending) and not lost:
+                failures.append("a worker process died without a note (not a CUDA error): warm-up stopped")
+                break
+            crashed += [launch for launch, _ in lost]
+            failures += [f"{launch}: {error} (lost the CUDA context)" for launch, error in lost]
+            pending = [[launch for launch in job if not faulty(launch.cfg, crashed)]
+                       for i, job in enumerate(pending) if i not in done]
+            pending = [job for job in pending if job]
+    return Warmed(len(grouped), sum(len(j) for j in grouped), failures, crashed, time.monotonic() - start)
+
+
+def exclude(crashed: list[Launch]) -> None:
+    """Keep the `faulty` configs out of this process's tuner (`triton_gemm`'s candidate lists):
+    trying one again would lose the timing process's CUDA context."""
+    from daq_vllm.kernels import triton_gemm
+
+    if not crashed:
+        return
+    for name in ("candidate_configs", "v2_candidate_configs"):
+        configs = getattr(triton_gemm, name)
+        setattr(triton_gemm, name, lambda m, configs=configs: [c for c in configs(m) if not faulty(c, crashed)])

@@ -173,6 +173,48 @@ def test_kernel_warmup_compiles_each_config_in_one_worker(monkeypatch):
     assert warmed.line().startswith("warm-up: 4 launches in 3 jobs, 1 failed")
 
 
+def crashing_runner(job, device: str, crash_dir: str) -> list[str]:
+    """A warm-up job runner (spawned, so module level) whose launches at M = 13 end their process the
+    way a launch that loses the CUDA context does (`triton_warmup.note_crash`)."""
+    from triton_warmup import note_crash
+
+    for launch in job:
+        if launch.m == 13:
+            note_crash(crash_dir, launch, "RuntimeError: CUDA error: an illegal memory access was encountered")
+    return []
+
+
+def test_kernel_warmup_goes_on_without_a_config_that_crashed(monkeypatch):
+    """A launch that loses its worker's CUDA context: recorded, its config dropped from the jobs left
+    (which run in a new pool) and from the tuner's candidates; three crashed configs drop their path."""
+    from pathlib import Path
+
+    require(HAVE_TRITON, "triton is not installed")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_warmup import Launch, exclude, faulty, warm
+
+    from daq_vllm.kernels import triton_gemm as tg
+
+    bad, good = tg.candidate_configs(1)[:2]
+    launches = [Launch("nf4", 64, "float16", N, K, m, bad) for m in (1, 13, 5)]
+    launches += [Launch("nf4", 64, "float16", N, K, m, good) for m in (1, 2)]
+    warmed = warm(launches, workers=2, device="cpu", runner=crashing_runner)
+    assert warmed.crashed == [launches[1]]
+    assert len(warmed.failures) == 1 and "illegal memory access" in warmed.failures[0]
+    assert "(1 lost the CUDA context)" in warmed.line()
+
+    mmas = [c for c in tg.v2_candidate_configs(16) if c.path == "mma"]
+    assert faulty(bad, warmed.crashed) and not faulty(good, warmed.crashed)
+    crashed_mma = [Launch("nf4", 64, "float16", N, K, 16, c) for c in mmas[:3]]
+    assert faulty(mmas[3], crashed_mma) and not faulty(tg.v2_candidate_configs(1)[0], crashed_mma)
+
+    monkeypatch.setattr(tg, "candidate_configs", tg.candidate_configs)  # restored after the test
+    monkeypatch.setattr(tg, "v2_candidate_configs", tg.v2_candidate_configs)
+    exclude(warmed.crashed + crashed_mma)
+    assert bad not in tg.candidate_configs(1) and good in tg.candidate_configs(1)
+    assert {c.path for c in tg.v2_candidate_configs(1)} == {"gemv2"}  # was gemv2 and mma
+
+
 def load_kernel_bench():
     import importlib.util
     from pathlib import Path
@@ -195,7 +237,7 @@ def test_kernel_benchmark_cut_short_keeps_formats_paired(monkeypatch):
     monkeypatch.setattr(bench, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 1.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "GPU X")
-    monkeypatch.setattr(bench, "bench_shape", lambda fmt, dtype, model, name, n, k, ms:
+    monkeypatch.setattr(bench, "bench_shape", lambda fmt, dtype, model, name, n, k, ms, errors:
                         [{"model": model, "linear": name, "M": m} for m in ms])
     saved = {}
     bench.bench_gpu(["fp4_e2m1", "nf4"], torch.float16, bench.SHAPES, [1, 16], lambda b: saved.update({b["format"]: b}),
