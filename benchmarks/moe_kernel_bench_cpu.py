@@ -1,9 +1,9 @@
 """DAQ MoE kernels on CPU: `cpu_moe` (one C++ call per layer) against `loop` and unquantized experts.
 
 For the expert shapes of the SmolLM2 MoE that benchmarks/moe_quality.py builds, OLMoE-1B-7B and
-Qwen1.5-MoE-A2.7B (experts, hidden, intermediate, top-k), 4-bit g128 experts with a random
-16-entry codebook (the decode path a DAQ checkpoint takes), random top-k routing and T tokens, fp32
-and bf16 activations: median times (`torch.utils.benchmark`, all torch threads) of
+Qwen1.5-MoE-A2.7B (experts, hidden, intermediate, top-k), 4-bit g128 experts with the nf4
+codebook (`moe_kernel_bench.make_spec`: the table decode any learned codebook takes), random top-k
+routing and T tokens, fp32 and bf16 activations: median times (`torch.utils.benchmark`, all torch threads) of
 - `cpu_moe`: the fused kernel (`kernels/csrc/cpu_moe.cpp`), what `choose_moe_kernel` picks on CPU;
 - `loop`: per expert with tokens, its two projections through the dense `cpu` kernel (Python glue);
 - `unquantized`: the same experts dequantized to the activation dtype, a torch loop of `F.linear`
@@ -85,7 +85,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# DAQ MoE kernels on CPU: `cpu_moe` against `loop` and unquantized experts", "",
         f"{cpu_line(result['cpu'])}. {contention_line(result['others_busy'])} Measured {result['date']}.",
-        "4-bit g128 experts, random 16-entry codebook, random top-k routing. Median ms per layer call, each",
+        "4-bit g128 experts, nf4 codebook (table decode), random top-k routing. Median ms per layer call, each",
         "variant cycling through layer copies that overflow the last-level cache. `unquantized`: the experts",
         "dequantized to the activation dtype, a torch loop of `F.linear` per routed expert. Errors: largest",
         "|y - ref| / largest |ref| against `moe_reference`.", "",

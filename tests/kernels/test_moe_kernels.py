@@ -402,3 +402,23 @@ def test_moe_kernel_benchmark_smoke_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "smoke triton_moe: rel err" in proc.stdout
     assert "correctness only" in (tmp_path / "moe-kernels-smoke.md").read_text()
+
+
+def test_cpu_moe_kernel_benchmark_runs(tmp_path):
+    """benchmarks/moe_kernel_bench_cpu.py on its smallest shape, two token counts, both dtypes: each
+    kernel checked against `moe_reference` before it may post a time, the table written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_cpu_kernel()
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_kernel_bench_cpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--models", "smollm2-moe-e4k2", "--tokens", "1", "3",
+                           "--min-run-time", "0.01", "--rotate-mib", "8", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "moe-kernels-cpu.json").read_text())["rows"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
+    assert all(r["cpu_moe_err"] < (1e-5 if r["dtype"] == "fp32" else 2e-2) and r["cpu_moe_ms"] > 0 for r in rows)
+    assert "| smollm2-moe-e4k2 (4, 576, 1536, 2) | fp32 | 1 |" in (tmp_path / "moe-kernels-cpu.md").read_text()
