@@ -183,12 +183,14 @@ def warm(launches: list[Launch], workers: int, device: str = "cuda", runner: Run
             done: set[int] = set()
             with ProcessPoolExecutor(max_workers=max(1, min(workers, len(pending))), mp_context=ctx) as pool:
                 futures = {pool.submit(runner, job, device, crash_dir): i for i, job in enumerate(pending)}
-                try:
-                    for future in as_completed(futures):
+                for future in as_completed(futures):
+                    try:
                         failures += future.result()
-                        done.add(futures[future])
-                except BrokenProcessPool:
-                    pass
+                    except BrokenProcessPool:  # a worker ended: the jobs not done run again below
+                        break
+                    except Exception as e:  # noqa: BLE001 - outside any launch (say, making the layer)
+                        failures.append(f"a job failed: {type(e).__name__}: {e}")
+                    done.add(futures[future])
             lost = _read_crashes(crash_dir)
             if len(done) < len(pending) and not lost:
                 failures.append("a worker process died without a note (not a CUDA error): warm-up stopped")
