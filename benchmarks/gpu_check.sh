@@ -17,10 +17,17 @@
 # Every step runs under its own timeout and a failed step does not stop the next (each writes its
 # results as it goes); the failures are listed in $RESULTS/failures.txt and the exit status is 1.
 # Needs torch with CUDA and triton; daq-vllm installed, or run from the repository as here.
+#   bash benchmarks/gpu_check.sh                  # every step
+#   bash benchmarks/gpu_check.sh loader moe       # some of: kernels loader 3bit moe bf16 (a rerun after a fix)
 set -uo pipefail
+STEPS="${*:-kernels loader 3bit moe bf16}"
+for s in $STEPS; do
+  case "$s" in kernels|loader|3bit|moe|bf16) ;; *) echo "unknown step '$s' (steps: kernels loader 3bit moe bf16)" >&2; exit 2;; esac
+done
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
+rm -f "$RESULTS/failures.txt"  # this run's failures only
 if ! python -c "import daq_vllm.kernels" 2>/dev/null; then
   # Not installed: the package layout (pyproject's package-dir) as a symlink farm.
   farm="$(mktemp -d)"
@@ -32,8 +39,9 @@ if ! python -c "import daq_vllm.kernels" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 failed=0
-step() {  # step SECONDS COMMAND...: run it under a timeout, note a failure and go on
-  local limit="$1"; shift
+step() {  # step NAME SECONDS COMMAND...: if NAME was asked for, run it under a timeout; note a failure, go on
+  local name="$1" limit="$2"; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
   echo "== $(date +%T) $*"
   timeout "$limit" "$@"
   local rc=$?
@@ -48,11 +56,11 @@ nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=c
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
 bench=(python benchmarks/kernel_bench.py --results "$RESULTS" --write-configs)
 # Most needed first: if the run nears the device tool's 10-minute limit, what is cut is the last step.
-step 280 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 100
-step 90 python benchmarks/gpu_loader_check.py --results "$RESULTS"
-step 85 "${bench[@]}" --tag 3bit --formats fp4_e2m1 fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 35
-step 100 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 30
-step 75 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 25
-cp kernels/configs/*.json "$RESULTS/" || failed=1
+step kernels 280 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 100
+step loader 90 python benchmarks/gpu_loader_check.py --results "$RESULTS"
+step 3bit 85 "${bench[@]}" --tag 3bit --formats fp4_e2m1 fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 35
+step moe 100 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 30
+step bf16 75 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 25
+if ls kernels/configs/*.json >/dev/null 2>&1; then cp kernels/configs/*.json "$RESULTS/"; fi
 echo "== $(date +%T) done, failed=$failed"
 exit "$failed"
