@@ -6,7 +6,7 @@
 #   1. every v1 and v2 path and format against the torch reference, outputs poisoned (--check);
 #   2. fp4_e2m1 and nf4 g128 (interleaved per shape), fp16, Llama-2-7B/Llama-3-8B shapes, M = 1..4096,
 #      against cuBLAS and PyTorch's int4 kernel, the tuner choosing v1 or v2 per shape (the goals table);
-#   3. a DAQ checkpoint through transformers on CUDA: every linear on the triton kernel with the v2
+#   3. a DAQ checkpoint through transformers on CUDA, fp16 and bf16: every linear on triton with the v2
 #      layout, logits against the torch kernel, the tuner's path per shape (gpu_loader_check.py);
 #   4. the 3-bit formats beside fp4_e2m1 at M = 1 and 16;
 #   5. the fused MoE kernel: correctness, CUDA-graph capture, speed (moe_kernel_bench.py);
@@ -57,7 +57,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 bench=(python benchmarks/kernel_bench.py --results "$RESULTS" --write-configs)
 # Most needed first: if the run nears the device tool's 10-minute limit, what is cut is the last step.
 step kernels 280 "${bench[@]}" --check --formats fp4_e2m1 nf4 --budget-s 100
-step loader 90 python benchmarks/gpu_loader_check.py --results "$RESULTS"
+step loader 120 python benchmarks/gpu_loader_check.py --results "$RESULTS"
 step 3bit 85 "${bench[@]}" --tag 3bit --formats fp4_e2m1 fp3_e2m0 int3 --ms 1 16 --models llama-3-8b --budget-s 35
 step moe 100 python benchmarks/moe_kernel_bench.py --results "$RESULTS" --budget-s 30
 step bf16 75 "${bench[@]}" --tag bf16 --formats fp4_e2m1 --dtypes bfloat16 --ms 1 16 64 256 --models llama-3-8b --budget-s 25

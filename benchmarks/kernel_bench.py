@@ -168,7 +168,7 @@ def bench_launches(fmts: list[str], dtypes: list[str], shapes: dict, ms_list: li
 
 CHECK_NK = 1000  # not a multiple of any block; g 64/128 leave a partial last group
 CHECK_CASES = ([(fmt, g, "float16") for fmt in ("fp4_e2m1", "nf4", "int4", "fp3_e2m0", "int3") for g in (32, 64, 128)]
-               + [(fmt, 64, "bfloat16") for fmt in ("fp4_e2m1", "nf4", "fp3_e2m0")])
+               + [(fmt, 64, "bfloat16") for fmt in ("fp4_e2m1", "nf4", "int4", "fp3_e2m0")])
 
 
 def check_paths() -> list[tuple[int, KernelConfig]]:
@@ -357,7 +357,7 @@ def markdown_gpu(result: dict) -> str:
     if check:
         lines += ["## GPU correctness", "",
                   f"{check['cases'] - len(check['failed'])}/{check['cases']} cases "
-                  "(5 formats x g32/64/128 in fp16, 3 formats "
+                  "(5 formats x g32/64/128 in fp16, 4 formats "
                   "at g64 in bf16, x 12 path configs, v1 and v2; N = K = 1000, outputs poisoned with NaN) within "
                   "tolerance of the torch "
                   f"reference (worst error / tolerance {check['worst_err_over_tol']:.2f}).", ""]

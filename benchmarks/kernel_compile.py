@@ -2,8 +2,8 @@
 
 Every v2 config the tuner may pick (`triton_gemm.v2_candidate_configs`) is compiled with
 `triton.compile(..., target=GPUTarget("cuda", 90, 32))` for each asm decode (4-bit: e2m1, int and
-table in fp16, table in bf16; 3-bit: table in fp16 and bf16; the last three on one config per tile
-shape), the way a launch on an H100/H200 would compile it (16-byte-aligned pointers and strides,
+table in fp16 and in bf16; 3-bit: table in fp16 and bf16; all but the fp16 4-bit ones on one config
+per tile shape), the way a launch on an H100/H200 would compile it (16-byte-aligned pointers and strides,
 which Triton's launcher detects and passes on). Per compile it records what the v2 design is
 about: the `mma` wgmma's weight operand (registers `{%r..}` or a shared-memory descriptor), the
 dot operand types in TTGIR, every kind of `st.shared` in the PTX, and ptxas's register and spill
@@ -38,8 +38,8 @@ ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "b_ptr", "cb_ptr", "bias_ptr", "y_ptr", "N
            "stride_qn", "stride_ym")  # what Triton's launcher marks divisible by 16 for Llama-sized layers
 # (bits, activations, decode): every config for the fp16 4-bit decodes; one config per tile shape
 # for the others (all compile the same loop around a different decode).
-VARIANTS = [(4, "float16", "e2m1"), (4, "float16", "int"), (4, "float16", "table"), (4, "bfloat16", "table"),
-            (3, "float16", "table"), (3, "bfloat16", "table")]
+VARIANTS = [(4, "float16", "e2m1"), (4, "float16", "int"), (4, "float16", "table"), (4, "bfloat16", "e2m1"),
+            (4, "bfloat16", "int"), (4, "bfloat16", "table"), (3, "float16", "table"), (3, "bfloat16", "table")]
 FULL = 3
 TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 M_BUCKETS = (1, 4, 16, 32, 64, 256)

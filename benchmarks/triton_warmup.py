@@ -1,10 +1,10 @@
 """Compile every Triton kernel a GPU benchmark will launch, in parallel, before anything is timed.
 
 Why: a GPU session has about 15 minutes in all. `kernel_bench.py --check` launches 12 path configs
-for 18 (format, group, dtype) cases, and the tuner measures 20-33 candidate configs per (M bucket,
+for 19 (format, group, dtype) cases, and the tuner measures 20-33 candidate configs per (M bucket,
 format); every distinct constexpr set (config, bits, group, decode, split-K, M == 1, ...) is one
 JIT compile, one after another in the timing process. Counted for gpu_check.sh's first step
-(check, then fp4_e2m1 + nf4 over the benchmark's shapes and M): 826 distinct compiles, at 0.8-1 s
+(check, then fp4_e2m1 + nf4 over the benchmark's shapes and M): 832 distinct compiles, at 0.8-1 s
 each for sm_90a on one core here: 11-14 minutes of a budget meant for measuring. Triton keeps
 compiled kernels in its on-disk cache (`~/.triton/cache`), keyed by the source and its
 specialization, so the same launches made first by worker processes, one per spare host core,

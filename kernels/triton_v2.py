@@ -14,7 +14,8 @@ compiled), applies scale and offset per group, and then:
 
 The decode is PTX on whole 32-bit words (`triton_v2_decode`; `ASM` constexpr, fp16 and bf16
 activations on CUDA) followed by one packed FMA per pair in the activation dtype (for bf16 the
-fp16 scales and offsets are rounded to bf16 first), or plain `tl` in fp32 (fp32 activations, and
+fp16 scales and offsets are rounded to bf16 first; an e2m1 layer's scale also takes the bf16
+decode's 2**112), or plain `tl` in fp32 (fp32 activations, and
 the Triton interpreter, which cannot run inline asm; the tests run the asm paths there through a
 PTX simulator). The tuner in `triton_gemm` measures these paths beside the v1 ones and keeps
 whichever is faster per shape. Research notes: `shared/research/kernels-v2.md` sections 3.2-3.4.
@@ -28,12 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_v2_decode import FMA_BF16X2, FMA_F16X2
+from .triton_v2_decode import E2M1_BF16_REFOLD, FMA_BF16X2, FMA_F16X2
 from .triton_v2_layout import SHUFFLE, RepackedWeights
 
 GEMV2_MAX_M = 4
 _FMA_F16X2 = tl.constexpr(FMA_F16X2)  # globals a jit function may read
 _FMA_BF16X2 = tl.constexpr(FMA_BF16X2)
+_E2M1_BF16_REFOLD = tl.constexpr(E2M1_BF16_REFOLD)
 
 
 @triton.jit
@@ -108,6 +110,8 @@ def _weights(q_ptr, s_ptr, b_ptr, cb_ptr, x_ptr, offs_n, nmask, k0, N, KP, strid
             w = tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)), tl.join(tl.join(o4, o5), tl.join(o6, o7)))
             w = tl.reshape(w, (BLOCK_N, 128))
         w = _unpermute(w, BLOCK_N)
+        if OUT == tl.bfloat16 and DECODE == "e2m1":  # the bf16 bit decode is the value * 2**-126
+            s = s.to(tl.float32) * _E2M1_BF16_REFOLD
         s16 = tl.reshape(tl.broadcast_to(s.to(OUT)[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
         b16 = tl.reshape(tl.broadcast_to(b.to(OUT)[:, :, None], (BLOCK_N, NG, 128 // NG)), (BLOCK_N, 128))
         if OUT == tl.float16:

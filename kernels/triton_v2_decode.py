@@ -7,12 +7,16 @@ weight): only bit operations and byte permutes.
 4-bit layers: each call takes 4 bytes (8 codes) and returns two tensors, the values of the low
 nibbles (even stored positions) and of the high nibbles (odd ones), in byte order; `tl.join`
 interleaves them back.
-- `e2m1` (fp16): sign, exponent and mantissa bits placed into an fp16 pattern worth
-  `value * 2**-14` exactly (the 2**14 is folded into the scale by the layout).
-- `int` (fp16): the code under the fp16 exponent of 1024 (`0x6400 | q` is exactly 1024 + q), minus 1024.
-- `table` (any codebook; every 4-bit decode for bf16): the 16 values as two byte tables (low and
-  high bytes of their bit patterns) selected with `prmt`, whose 8-byte pool covers half a table
-  per instruction; the code's top bit picks the half through a byte mask.
+- `e2m1`: sign, exponent and mantissa bits placed into an fp16 pattern worth `value * 2**-14`
+  exactly (the 2**14 is folded into the scale by the layout), or a bf16 pattern worth
+  `value * 2**-126` (bf16's exponent bias; the kernels multiply the folded scale by
+  E2M1_BF16_REFOLD = 2**112 once per group, which the layout keeps in bf16 range). Codes of
+  exponent 0 decode to subnormals, which both packed FMAs take as they are.
+- `int`: the code under the exponent of 1024 (fp16: `0x6400 | q` is exactly 1024 + q) or of 128
+  (bf16: `0x4300 | q` is exactly 128 + q), minus that.
+- `table` (any codebook): the 16 values as two byte tables (low and high bytes of their bit
+  patterns) selected with `prmt`, whose 8-byte pool covers half a table per instruction; the
+  code's top bit picks the half through a byte mask.
 3-bit layers: each call takes words A, B and C of one 32-code chunk and returns 8 tensors; an
 8-entry table is exactly one `prmt` pool and a 3-bit code a valid selector nibble (FLUTE's
 observation), so each 4 codes cost two shifts, two masks, an or and four `prmt`.
@@ -28,20 +32,37 @@ from __future__ import annotations
 
 import numpy as np
 
-E2M1_ASM = """{ .reg .b32 t0, t1, u;
-prmt.b32 t0, $4, 0, 0x1404; prmt.b32 t1, $4, 0, 0x3424;
-shl.b32 u, t0, 4; shr.b32 $0, u, 3; and.b32 $0, $0, 0x0E000E00; and.b32 u, u, 0x80008000; or.b32 $0, $0, u;
-shl.b32 u, t1, 4; shr.b32 $1, u, 3; and.b32 $1, $1, 0x0E000E00; and.b32 u, u, 0x80008000; or.b32 $1, $1, u;
-shr.b32 $2, t0, 3; and.b32 $2, $2, 0x0E000E00; and.b32 u, t0, 0x80008000; or.b32 $2, $2, u;
-shr.b32 $3, t1, 3; and.b32 $3, $3, 0x0E000E00; and.b32 u, t1, 0x80008000; or.b32 $3, $3, u; }"""
 
-INT_ASM = """{ .reg .b32 t0, t1, k;
-mov.b32 k, 0x64006400;
+def _e2m1_asm(shift: int, mask: str) -> str:
+    """The E2M1 bit decode: each code's nibble to the top of a 16-bit half (its sign bit at 15), then
+    the exponent and mantissa bits `shift` lower, kept by `mask` (fp16: bits 11-9, bf16: 8-6)."""
+    return f"""{{ .reg .b32 t0, t1, u;
+prmt.b32 t0, $4, 0, 0x1404; prmt.b32 t1, $4, 0, 0x3424;
+shl.b32 u, t0, 4; shr.b32 $0, u, {shift}; and.b32 $0, $0, {mask}; and.b32 u, u, 0x80008000; or.b32 $0, $0, u;
+shl.b32 u, t1, 4; shr.b32 $1, u, {shift}; and.b32 $1, $1, {mask}; and.b32 u, u, 0x80008000; or.b32 $1, $1, u;
+shr.b32 $2, t0, {shift}; and.b32 $2, $2, {mask}; and.b32 u, t0, 0x80008000; or.b32 $2, $2, u;
+shr.b32 $3, t1, {shift}; and.b32 $3, $3, {mask}; and.b32 u, t1, 0x80008000; or.b32 $3, $3, u; }}"""
+
+
+E2M1_ASM = _e2m1_asm(3, "0x0E000E00")  # fp16 pattern = value * 2**-14
+E2M1_BF16_ASM = _e2m1_asm(6, "0x01C001C0")  # bf16 pattern = value * 2**-126: one exponent lower in the word
+E2M1_BF16_REFOLD = 2.0**112  # bf16 pattern = value * 2**-126; the layout folded 2**14 into the scale
+
+
+def _int_asm(base: str, sub: str) -> str:
+    """The uniform-int decode: each code as the low mantissa bits under the exponent `base` (a
+    packed pair), then `base` subtracted."""
+    return f"""{{ .reg .b32 t0, t1, k;
+mov.b32 k, {base};
 prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342;
-and.b32 $0, t0, 0x000F000F; or.b32 $0, $0, k; sub.f16x2 $0, $0, k;
-and.b32 $1, t1, 0x000F000F; or.b32 $1, $1, k; sub.f16x2 $1, $1, k;
-shr.b32 t0, t0, 4; and.b32 $2, t0, 0x000F000F; or.b32 $2, $2, k; sub.f16x2 $2, $2, k;
-shr.b32 t1, t1, 4; and.b32 $3, t1, 0x000F000F; or.b32 $3, $3, k; sub.f16x2 $3, $3, k; }"""
+and.b32 $0, t0, 0x000F000F; or.b32 $0, $0, k; {sub} $0, $0, k;
+and.b32 $1, t1, 0x000F000F; or.b32 $1, $1, k; {sub} $1, $1, k;
+shr.b32 t0, t0, 4; and.b32 $2, t0, 0x000F000F; or.b32 $2, $2, k; {sub} $2, $2, k;
+shr.b32 t1, t1, 4; and.b32 $3, t1, 0x000F000F; or.b32 $3, $3, k; {sub} $3, $3, k; }}"""
+
+
+INT_ASM = _int_asm("0x64006400", "sub.f16x2")  # 1024 in fp16: one unit per mantissa step
+INT_BF16_ASM = _int_asm("0x43004300", "sub.bf16x2")  # 128 in bf16: one unit per mantissa step
 
 FMA_F16X2 = "fma.rn.f16x2 $0, $1, $2, $3;"
 FMA_BF16X2 = "fma.rn.bf16x2 $0, $1, $2, $3;"
@@ -103,15 +124,12 @@ def table3_asm(values: tuple[float, ...], dtype: str = "float16") -> str:
 
 
 def decode_asm(decode: str, values: tuple[float, ...], bits: int = 4, dtype: str = "float16") -> str:
-    """The asm for a layer's decode kind (`RepackedWeights.decode`), bit width and activation dtype.
-
-    fp16 4-bit layers use the bit tricks where the codebook allows; everything else the tables. An
-    `e2m1` layer's scales are folded (times 2**14), so its bf16 table holds the values / 2**14."""
+    """The asm for a layer's decode kind (`RepackedWeights.decode`), bit width and activation dtype:
+    the bit tricks where the codebook allows (4-bit e2m1 and int), the tables otherwise."""
     if bits == 3:
         return table3_asm(values, dtype)
-    if dtype == "float16" and decode == "e2m1":
-        return E2M1_ASM
-    if dtype == "float16" and decode == "int":
-        return INT_ASM
-    folded = tuple(v * 2.0**-14 for v in values) if decode == "e2m1" else values
-    return table_asm(folded, dtype)
+    if decode == "e2m1":
+        return E2M1_ASM if dtype == "float16" else E2M1_BF16_ASM
+    if decode == "int":
+        return INT_ASM if dtype == "float16" else INT_BF16_ASM
+    return table_asm(values, dtype)

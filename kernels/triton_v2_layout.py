@@ -18,7 +18,8 @@ The checkpoint layout (docs/FORMAT.md: one little-endian code stream per row, sc
 - **Scales and offsets as `[groups, N]`**, contiguous along N: a tile's per-group parameters are
   one coalesced load. Padded groups get scale and offset 0.
 - **E2M1 folded**: the bit decode yields `value * 2**-14` (an exact fp16 pattern), so its scale is
-  stored times 2**14 when that stays in fp16 range; otherwise the layer decodes through the table.
+  stored times 2**14 when that stays in range (FOLDED_MAX: in fp16, and in bf16 after the bf16
+  decode's further 2**112); otherwise the layer decodes through the table.
 
 Research notes with sources: `shared/research/kernels-v2.md` section 3.1.
 """
@@ -36,7 +37,9 @@ from .triton_v2_decode import decode_asm
 
 SHUFFLE = 128  # codes per permutation block; also every kernel's K step
 E2M1_FOLD = 2.0**14  # the E2M1 bit decode's values are the code's value times 2**-14
-FP16_MAX = 65504.0
+# The largest folded scale both decodes take: fp16's 65504 would round to 2**16 in bf16, and
+# 2**16 * E2M1_BF16_REFOLD overflows; 65280 is the largest bf16 value below 2**16.
+FOLDED_MAX = 65280.0
 ROWS_PER_PASS = 1024  # repack this many rows at a time: the int64 codes of a whole layer would take 8 B per weight
 
 
@@ -124,7 +127,7 @@ class RepackedWeights:
     """One linear in the v2 layout; `decode` is how its kernels turn a code into a value."""
 
     codes: torch.Tensor  # uint8 [N, Kp * bits / 8]
-    scales: torch.Tensor  # fp16 [groups of Kp, N] (times 2**14 when decode == "e2m1")
+    scales: torch.Tensor  # fp16 [groups of Kp, N] (times E2M1_FOLD when decode == "e2m1")
     offsets: torch.Tensor  # fp16 [groups of Kp, N]
     decode: str  # "e2m1" | "int" | "table"
     asm: str  # the decode in PTX for fp16 activations (`triton_v2_decode`)
@@ -150,7 +153,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, c
     s, b = by_group(scales), by_group(offsets)
     decode = decode_kind(codebook)
     if decode == "e2m1":
-        if (s.abs() * E2M1_FOLD).max() <= FP16_MAX:
+        if (s.abs() * E2M1_FOLD).max() <= FOLDED_MAX:
             s = s * E2M1_FOLD
         else:
             decode = "table"

@@ -1,8 +1,8 @@
 """A tiny PTX simulator for the decode asm of kernels/triton_v2_decode.py (numpy, vectorized over words).
 
 Executes exactly the instructions those texts use (mov, prmt in its default mode, shifts, bit
-logic, mul.lo, and the packed fp16 sub/fma), so the asm is checked bit for bit on a CPU, where
-neither a GPU nor the Triton interpreter can run it.
+logic, mul.lo, and the packed fp16/bf16 sub and fma, subnormals kept), so the asm is checked bit
+for bit on a CPU, where neither a GPU nor the Triton interpreter can run it.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ _OPS = {
     "xor.b32": lambda a, b: a ^ b,
     "mul.lo.u32": lambda a, b: (a.astype(np.uint64) * b.astype(np.uint64) & 0xFFFFFFFF).astype(U32),
     "sub.f16x2": lambda a, b: _f16x2(lambda x, y: x - y, a, b),
+    "sub.bf16x2": lambda a, b: _bf16x2(lambda x, y: x - y, a, b),
     "fma.rn.f16x2": lambda a, b, c: _f16x2(lambda x, y, z: x * y + z, a, b, c),
     "fma.rn.bf16x2": lambda a, b, c: _bf16x2(lambda x, y, z: x * y + z, a, b, c),
 }

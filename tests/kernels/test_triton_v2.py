@@ -2,7 +2,8 @@
 
 The asm decode cannot run here (no GPU; the Triton interpreter has no inline asm): its texts run in
 a PTX simulator (`ptx_sim.py`) on random words. The kernels run under TRITON_INTERPRET=1 with the
-plain decode, which the asm replaces only for fp16 4-bit layers on CUDA.
+plain decode, which the asm replaces for fp16 and bf16 activations on CUDA; the simulator also runs
+the asm inside the interpreted kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ from ptx_sim import bf16_to_float, decode_words, float_to_bf16, interpreter_inli
 from daq_vllm.format import num_groups
 from daq_vllm.format.codebooks import get_codebook
 from daq_vllm.kernels import dequantize, pack_codes
-from daq_vllm.kernels.triton_v2_decode import E2M1_ASM, FMA_F16X2, INT_ASM, decode_asm, table3_asm, table_asm
+from daq_vllm.kernels.triton_v2_decode import (
+    E2M1_ASM,
+    E2M1_BF16_ASM,
+    FMA_BF16X2,
+    FMA_F16X2,
+    INT_ASM,
+    INT_BF16_ASM,
+    decode_asm,
+    table3_asm,
+    table_asm,
+)
 from daq_vllm.kernels.triton_v2_layout import (
     E2M1_FOLD,
     chunk_group,
@@ -92,14 +103,21 @@ def test_three_bit_slots_fill_each_word_once():
         assert high_bit - 16 * (g // 4) - g % 4 == 4 * j
 
 
-def test_e2m1_scales_are_folded_unless_they_overflow_fp16():
+def test_e2m1_scales_are_folded_unless_they_overflow():
+    """Folded scales stay within fp16 and, times the bf16 decode's 2**112, within bf16: a scale of
+    3.99 (65372 folded, rounding to 2**16 in bf16) already sends the layer to the table."""
     _, q, s, b, cb = weights("fp4_e2m1", 32)
     rp = repack(q, s, b, cb.values, 4, 32, K)
     assert rp.decode == "e2m1" and torch.equal(rp.scales[: s.shape[1]].float(), s.t().float() * E2M1_FOLD)
-    big = s.clone()
-    big[0, 0] = 8.0  # 8 * 2**14 > 65504
-    rp = repack(q, big, b, cb.values, 4, 32, K)
-    assert rp.decode == "table" and rp.asm == table_asm(cb.values) and rp.asm_bf16 == table_asm(cb.values, "bfloat16")
+    assert (rp.asm, rp.asm_bf16) == (E2M1_ASM, E2M1_BF16_ASM)
+    for scale in (3.99, 8.0):
+        big = s.clone()
+        big[0, 0] = scale
+        rp = repack(q, big, b, cb.values, 4, 32, K)
+        assert rp.decode == "table" and rp.asm == table_asm(cb.values)
+        assert rp.asm_bf16 == table_asm(cb.values, "bfloat16")
+    big[0, 0] = 3.98  # 65208 folded: kept
+    assert repack(q, big, b, cb.values, 4, 32, K).decode == "e2m1"
     assert repack(q, s, b, get_codebook("nf4").values, 4, 32, K).decode == "table"
 
 
@@ -137,21 +155,40 @@ def test_table_decode_equals_the_codebook_bit_for_bit(values):
     assert decode_asm("table", values) == table_asm(values)
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "int4"])
-def test_bf16_table_decodes_equal_the_codebook_in_bf16(fmt):
-    """bf16 activations decode every 4-bit codebook through the table, in bf16 bit patterns (fp4_e2m1
-    divided by 2**14: its scales are folded)."""
+@pytest.mark.parametrize("fmt, asm, factor", [("fp4_e2m1", E2M1_BF16_ASM, 2.0**-126), ("int4", INT_BF16_ASM, 1.0),
+                                               ("nf4", table_asm(get_codebook("nf4").values, "bfloat16"), 1.0)])
+def test_bf16_decodes_equal_the_codebook_bit_for_bit(fmt, asm, factor):
+    """bf16 activations: the E2M1 bits as a bf16 pattern worth value * 2**-126 (subnormal for the
+    exponent-0 codes), the int codes under 128, other codebooks through the table."""
     words = random_words()
     codes = np.stack([(words >> (4 * i)) & 15 for i in range(8)], axis=-1)
-    cb = get_codebook(fmt)
-    asm = decode_asm("e2m1" if fmt == "fp4_e2m1" else "table", cb.values, 4, "bfloat16")
-    factor = 2.0**-14 if fmt == "fp4_e2m1" else 1.0
-    want = float_to_bf16(np.asarray(cb.values, dtype=np.float64) * factor)[codes]
+    values = get_codebook(fmt).values
+    want = float_to_bf16(np.asarray(values, dtype=np.float64) * factor)[codes]
     got = decode_words(asm, words).view(np.uint16).astype(np.uint32)
-    assert np.array_equal(got, want) and np.allclose(bf16_to_float(got), np.asarray(cb.values)[codes] * factor,
-                                                     rtol=2**-8)
+    assert np.array_equal(got, want)
+    assert np.allclose(bf16_to_float(got), np.asarray(values)[codes] * factor, rtol=2**-8, atol=0)
+    assert decode_asm("e2m1" if fmt == "fp4_e2m1" else "int" if fmt == "int4" else "table", values, 4,
+                      "bfloat16") == asm
 
 
+def test_bf16_e2m1_decode_and_refolded_scale_give_the_table_decodes_weights():
+    """The packed bf16 FMA of a subnormal decoded value with the scale times 2**112 rounds to the
+    same bf16 weight as the table path's value / 2**14 times the folded scale."""
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 16, 4000)
+    folded = float_to_bf16(rng.uniform(0.01, 3.98, 4000) * 2.0**14)  # scales as the kernel rounds them
+    offset = float_to_bf16(rng.standard_normal(4000) * 0.02)
+    values = np.asarray(get_codebook("fp4_e2m1").values)
+
+    def fma(w_bits, s_bits):
+        pair = [np.asarray(v, dtype=np.uint32) for v in (w_bits, s_bits, offset)]
+        (out,) = run(FMA_BF16X2, [v | (v << 16) for v in pair], 1)
+        assert np.array_equal(out & 0xFFFF, out >> 16)
+        return out & 0xFFFF
+
+    bit_decode = fma(float_to_bf16(values * 2.0**-126)[codes], float_to_bf16(bf16_to_float(folded) * 2.0**112))
+    table = fma(float_to_bf16(values * 2.0**-14)[codes], folded)
+    assert np.array_equal(bit_decode, table)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("values", [get_codebook("fp3_e2m0").values, get_codebook("int3").values,
                                     tuple(np.random.default_rng(5).standard_normal(8).tolist())])

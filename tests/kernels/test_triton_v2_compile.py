@@ -23,7 +23,7 @@ import pytest
 from conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = 6  # benchmarks/kernel_compile.py: 4-bit e2m1/int/table fp16, 4-bit table bf16, 3-bit table fp16/bf16
+VARIANTS = 8  # benchmarks/kernel_compile.py: 4-bit e2m1/int/table in fp16 and bf16, 3-bit table fp16/bf16
 
 
 @pytest.fixture(scope="module")
