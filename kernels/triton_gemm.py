@@ -30,6 +30,7 @@ interpreter's bf16 `tl.dot` is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -482,6 +483,23 @@ def shipped_config(key: tuple, device_name: str) -> KernelConfig | None:
     return _SHIPPED[device_name].get(_key_text(key))
 
 
+def nearest_shipped_config(key: tuple, device_name: str) -> KernelConfig | None:
+    """For a key this GPU's file lacks: the config shipped for the nearest shape (in log N + log K)
+    with the same M bucket, format, dtype, decode and bias. What a CUDA-graph capture, which cannot
+    tune, runs for a model whose shapes the GPU run did not measure (rather than the untuned default)."""
+    shipped_config(key, device_name)  # reads the file once
+    m_bucket, n, k, *rest = key
+    best = None
+    for text, cfg in _SHIPPED[device_name].items():
+        fields = text.split(",")
+        if int(fields[0]) != m_bucket or fields[3:] != [str(v) for v in rest]:
+            continue
+        distance = abs(math.log(int(fields[1]) / n)) + abs(math.log(int(fields[2]) / k))
+        if best is None or distance < best[0]:
+            best = (distance, cfg)
+    return best[1] if best else None
+
+
 def tuned_configs() -> list[dict]:
     """Every configuration the tuner chose so far, with its measured time (for benchmark records)."""
     return [{**dict(zip(_KEY_FIELDS, key)), **asdict(cfg), "ms": ms} for key, (cfg, ms) in _TUNED.items()]
@@ -500,8 +518,9 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, 
     """The measured-best config for this (M bucket, N, K, format): shipped for this GPU, or tuned on
     first use.
 
-    No tuning on CPU (interpreter) or during CUDA-graph capture, where a key not yet tuned gets
-    the default; vLLM's profiling run tunes the shapes before it captures graphs.
+    No tuning on CPU (interpreter) or during CUDA-graph capture, where a key not yet tuned gets the
+    config shipped for the nearest shape (`nearest_shipped_config`), else the default. vLLM's
+    profiling run tunes only its own M bucket, so its decode graphs run shipped configs.
     """
     m, k = x.shape
     n = qweight.shape[0]
@@ -510,12 +529,13 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, 
     key = tuning_key(x, qweight, bits, group_size, e2m1, bias, repacked)
     if key in _TUNED:
         return _TUNED[key][0]
-    shipped = shipped_config(key, torch.cuda.get_device_name(x.device))
+    device_name = torch.cuda.get_device_name(x.device)
+    shipped = shipped_config(key, device_name)
     if shipped is not None:
         _TUNED[key] = (shipped, float("nan"))
         return shipped
-    if torch.cuda.is_current_stream_capturing():
-        return default_config(m, n, k, True)
+    if torch.cuda.is_current_stream_capturing():  # not kept: an eager call may still tune this key
+        return nearest_shipped_config(key, device_name) or default_config(m, n, k, True)
     from triton.testing import do_bench
 
     candidates = candidate_configs(m) + (v2_candidate_configs(m) if repacked is not None else [])
