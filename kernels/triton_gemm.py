@@ -484,17 +484,19 @@ def shipped_config(key: tuple, device_name: str) -> KernelConfig | None:
 
 
 def nearest_shipped_config(key: tuple, device_name: str) -> KernelConfig | None:
-    """For a key this GPU's file lacks: the config shipped for the nearest shape (in log N + log K)
-    with the same M bucket, format, dtype, decode and bias. What a CUDA-graph capture, which cannot
-    tune, runs for a model whose shapes the GPU run did not measure (rather than the untuned default)."""
+    """For a key this GPU's file lacks: the config shipped for the nearest M bucket, then the nearest
+    shape (in log N + log K), with the same format, dtype, decode and bias. What a CUDA-graph
+    capture, which cannot tune, runs for shapes or batch sizes the GPU run did not measure (rather
+    than the untuned default)."""
     shipped_config(key, device_name)  # reads the file once
     m_bucket, n, k, *rest = key
     best = None
     for text, cfg in _SHIPPED[device_name].items():
         fields = text.split(",")
-        if int(fields[0]) != m_bucket or fields[3:] != [str(v) for v in rest]:
+        if fields[3:] != [str(v) for v in rest]:
             continue
-        distance = abs(math.log(int(fields[1]) / n)) + abs(math.log(int(fields[2]) / k))
+        m, n2, k2 = (int(v) for v in fields[:3])
+        distance = (abs(math.log(m / m_bucket)), abs(math.log(n2 / n)) + abs(math.log(k2 / k)))
         if best is None or distance < best[0]:
             best = (distance, cfg)
     return best[1] if best else None

@@ -364,16 +364,17 @@ def test_shipped_configs_round_trip_and_are_found_by_gpu_name(tg, tmp_path, monk
     assert tg.shipped_config(key, "NVIDIA A100-SXM4-80GB") is None  # no file: tuned on first use
 
 
-def test_a_shape_the_gpu_file_lacks_gets_the_nearest_shipped_config(tg, tmp_path, monkeypatch):
-    """What a CUDA-graph capture runs for an untuned key: the config shipped for the nearest shape
-    with the same M bucket, format, dtype, decode and bias; None when there is no such row."""
+def test_a_key_the_gpu_file_lacks_gets_the_nearest_shipped_config(tg, tmp_path, monkeypatch):
+    """What a CUDA-graph capture runs for an untuned key: the config shipped for the nearest M bucket,
+    then the nearest shape, with the same format, dtype, decode and bias; None when there is no such row."""
     key = (1, 11008, 4096, 4, 128, "float16", "e2m1+v2", False)  # Llama-2-7B's down_proj is not in the file
     near = tg.KernelConfig("gemv2", block_n=64, split_k=0)
     far = tg.KernelConfig("mma", block_m=16, block_n=64, split_k=8, num_stages=3)
     other = tg.KernelConfig("gemv", block_n=32, chunks_per_iter=8, split_k=4)
+    big = tg.KernelConfig("mma", block_m=128, block_n=128, num_warps=8, num_stages=3)
     tuned = {(1, 14336, 4096, *key[3:]): (near, 0.01), (1, 4096, 4096, *key[3:]): (far, 0.01),
              (1, 11008, 4096, 4, 128, "bfloat16", "e2m1+v2", False): (other, 0.01),
-             (2, 11008, 4096, *key[3:]): (other, 0.01)}
+             (2, 11008, 4096, *key[3:]): (other, 0.01), (256, 4096, 4096, *key[3:]): (big, 0.01)}
     monkeypatch.setattr(tg, "_TUNED", tuned)
     monkeypatch.setattr(tg, "_SHIPPED", {})
     monkeypatch.setattr(tg, "CONFIGS_DIR", tmp_path)
@@ -381,6 +382,7 @@ def test_a_shape_the_gpu_file_lacks_gets_the_nearest_shipped_config(tg, tmp_path
     assert tg.shipped_config(key, "NVIDIA H200") is None  # no exact row: an eager call tunes it
     assert tg.nearest_shipped_config(key, "NVIDIA H200") == near  # |ln(11008/14336)| < |ln(11008/4096)|
     assert tg.nearest_shipped_config((1, 4000, 4096, *key[3:]), "NVIDIA H200") == far
-    assert tg.nearest_shipped_config((4, *key[1:]), "NVIDIA H200") is None  # no row for that M bucket
+    assert tg.nearest_shipped_config((4, *key[1:]), "NVIDIA H200") == other  # bucket 2 is nearer than 1
+    assert tg.nearest_shipped_config((512, *key[1:]), "NVIDIA H200") == big  # vLLM captures up to 512
     assert tg.nearest_shipped_config((1, 11008, 4096, 4, 128, "float16", "table+v2", False), "NVIDIA H200") is None
     assert tg.nearest_shipped_config(key, "NVIDIA A100-SXM4-80GB") is None
