@@ -521,8 +521,8 @@ def _tuned(x, qweight, scales, offsets, codebook, bits, group_size, e2m1, bias, 
     first use.
 
     No tuning on CPU (interpreter) or during CUDA-graph capture, where a key not yet tuned gets the
-    config shipped for the nearest shape (`nearest_shipped_config`), else the default. vLLM's
-    profiling run tunes only its own M bucket, so its decode graphs run shipped configs.
+    config shipped for the nearest M bucket and shape (`nearest_shipped_config`), else the default.
+    vLLM's profiling run tunes only its own M bucket, so its decode graphs run shipped configs.
     """
     m, k = x.shape
     n = qweight.shape[0]
