@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 from triton_warmup import Launch, exclude, warm  # noqa: E402
 
+from daq_vllm.errors import describe  # noqa: E402
+
 FORMAT, GROUP = "fp4_e2m1", 128
 GPU_MODEL = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=2, head_dim=128)
@@ -113,7 +115,7 @@ def check_dtype(checkpoint: Path, device: str, dtype: torch.dtype, warm_workers:
         run["rel_err"] = {m: ((ours[m] - ref[m]).abs().max() / ref[m].abs().max()).item() for m in ours}
     except Exception as e:  # noqa: BLE001 - recorded: the other dtype still runs, the script exits 1
         run["rel_err"] = {m: float("inf") for m in (PROMPT_LEN, 1)}
-        run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        run["error"] = describe(e)
     run["tuned"] = [{k: row[k] for k in ("m_bucket", "n", "k", "dtype", "path", "block_m", "block_n", "split_k", "ms")}
                     for row in triton_gemm.tuned_configs() if row["dtype"] == run["dtype"]]
     run["ok"] = (run["kernels"] == ["triton"] and run["v2_layout"] == len(layers)

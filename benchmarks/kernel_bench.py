@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, capture_graph, random_daq, write_results  # noqa: E402
 from triton_warmup import Launch, exclude, faulty, warm  # noqa: E402
 
+from daq_vllm.errors import describe  # noqa: E402
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import decode_kind, get_codebook  # noqa: E402
 from daq_vllm.kernels import dequantize, pack_codes  # noqa: E402
@@ -152,7 +153,7 @@ def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: 
         try:
             rows.append(row(m))
         except Exception as e:  # noqa: BLE001 - reported with the results; the run goes on
-            errors.append(f"{model} {name} M={m}: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
+            errors.append(f"{model} {name} M={m}: {describe(e)}")
             print(f"{fmt} {dname} FAILED {errors[-1]}", flush=True)
     return rows
 
@@ -216,16 +217,18 @@ def check_gpu(crashed: list[Launch]) -> dict:
         for m, cfg in check_paths():
             x = torch.randn(m, k, device="cuda").to(dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-            try:
-                if faulty(cfg, crashed):
-                    raise RuntimeError("left out: a launch of it lost the CUDA context in the warm-up")
-                y = tg.run_path(cfg, x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
-                                bias, rp)
-                ref = x.float() @ w.T + bias.float()
-                err = float("inf") if torch.isnan(y).any() else ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                note = ""
-            except Exception as e:  # noqa: BLE001 - recorded as a failed case
-                err, note = float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            if faulty(cfg, crashed):
+                err, note = float("inf"), "left out: a launch of it lost the CUDA context in the warm-up"
+            else:
+                try:
+                    y = tg.run_path(cfg, x, q, s, b, cb.tensor("cuda"), cb.bits, g, decode_kind(cb.values) == "e2m1",
+                                    bias, rp)
+                    ref = x.float() @ w.T + bias.float()
+                    err = (float("inf") if torch.isnan(y).any()
+                           else ((y.float() - ref).abs().max() / ref.abs().max()).item())
+                    note = ""
+                except Exception as e:  # noqa: BLE001 - recorded as a failed case
+                    err, note = float("inf"), describe(e)
             rows.append({"format": fmt, "group": g, "dtype": str(dtype), "M": m, "config": cfg.describe(),
                          "max_rel_err": err, "ok": err < tol, "error": note})
             worst = max(worst, err / tol)

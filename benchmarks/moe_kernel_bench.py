@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, capture_graph, write_results  # noqa: E402
 from triton_warmup import Launch, exclude, m_classes, warm  # noqa: E402
 
+from daq_vllm.errors import describe  # noqa: E402
 from daq_vllm.format import num_groups  # noqa: E402
 from daq_vllm.format.codebooks import get_codebook  # noqa: E402
 from daq_vllm.kernels import MoESpec, choose_moe_kernel, moe_reference, pack_codes  # noqa: E402
@@ -157,7 +158,7 @@ def bench_gpu(shapes: dict, tokens: list[int], dtypes: list[torch.dtype], deadli
                     row["graph_equal"] = bool(torch.equal(out, fused.apply(layer, x, weights, ids)))
                     row["fused_graph_ms"] = do_bench(graph.replay, return_mode="median")
                 except Exception as ex:  # noqa: BLE001 - recorded: capture is one of the things checked here
-                    row["graph_equal"], row["graph_error"] = False, f"{type(ex).__name__}: {str(ex)[:120]}"
+                    row["graph_equal"], row["graph_error"] = False, describe(ex)
                 row["fused_ms"] = do_bench(lambda: fused.apply(layer, x, weights, ids), return_mode="median")
                 row["loop_ms"] = (do_bench(lambda: loop.apply(layer, x, weights, ids), return_mode="median")
                                   if t <= LOOP_MAX_T else None)

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from daq_vllm.errors import describe
+
 if TYPE_CHECKING:
     from daq_vllm.kernels.triton_gemm import KernelConfig
 
@@ -144,7 +146,7 @@ def run_job(job: list[Launch], device: str, crash_dir: str) -> list[str]:
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported; the tuner skips such a candidate too
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            error = describe(e)
             if device == "cuda" and not _context_alive():
                 note_crash(crash_dir, launch, error)
             failures.append(f"{launch}: {error}")
@@ -189,7 +191,7 @@ def warm(launches: list[Launch], workers: int, device: str = "cuda", runner: Run
                     except BrokenProcessPool:  # a worker ended: the jobs not done run again below
                         break
                     except Exception as e:  # noqa: BLE001 - outside any launch (say, making the layer)
-                        failures.append(f"a job failed: {type(e).__name__}: {e}")
+                        failures.append(f"a job failed: {describe(e)}")
                     done.add(futures[future])
             lost = _read_crashes(crash_dir)
             if len(done) < len(pending) and not lost:
