@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, write_results  # noqa: E402
-from triton_warmup import Launch, exclude, warm  # noqa: E402
+from triton_warmup import Launch, exclude, tuner_launches, warm  # noqa: E402
 
 from daq_vllm.errors import describe  # noqa: E402
 
@@ -80,12 +80,8 @@ def daq_linears(model) -> dict:
 
 def warm_launches(model, dtype: torch.dtype) -> list[Launch]:
     """The tuner's candidates for every linear shape of the model at the two M of `logits`."""
-    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
-
     shapes = {(m.kernel.spec.out_features, m.kernel.spec.in_features) for m in daq_linears(model).values()}
-    return [Launch(FORMAT, GROUP, str(dtype).removeprefix("torch."), n, k, rows, cfg)
-            for n, k in sorted(shapes) for rows in (PROMPT_LEN, 1)
-            for cfg in candidate_configs(rows) + v2_candidate_configs(rows)]
+    return tuner_launches(FORMAT, GROUP, str(dtype).removeprefix("torch."), sorted(shapes), [PROMPT_LEN, 1])
 
 
 @torch.no_grad()

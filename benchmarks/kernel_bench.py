@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, random_daq, write_results  # noqa: E402
-from triton_warmup import Launch, exclude, faulty, warm  # noqa: E402
+from triton_warmup import Launch, exclude, faulty, tuner_launches, warm  # noqa: E402
 
 from daq_vllm.errors import describe  # noqa: E402
 from daq_vllm.format import num_groups  # noqa: E402
@@ -160,11 +160,9 @@ def bench_shape(fmt: str, dtype: torch.dtype, model: str, name: str, n: int, k: 
 
 def bench_launches(fmts: list[str], dtypes: list[str], shapes: dict, ms_list: list[int]) -> list[Launch]:
     """Every launch `bench_gpu` will make: the tuner's v1 and v2 candidates at each (shape, M)."""
-    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
-
-    return [Launch(fmt, GROUP, dtype, n, k, m, cfg)
-            for dtype in dtypes for fmt in fmts for layers in shapes.values() for n, k in layers.values()
-            for m in ms_list for cfg in candidate_configs(m) + v2_candidate_configs(m)]
+    linears = [nk for layers in shapes.values() for nk in layers.values()]
+    return [launch for dtype in dtypes for fmt in fmts
+            for launch in tuner_launches(fmt, GROUP, dtype, linears, ms_list)]
 
 
 CHECK_NK = 1000  # not a multiple of any block; g 64/128 leave a partial last group

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, capture_graph, write_results  # noqa: E402
-from triton_warmup import Launch, exclude, m_classes, warm  # noqa: E402
+from triton_warmup import Launch, exclude, m_classes, tuner_launches, warm  # noqa: E402
 
 from daq_vllm.errors import describe  # noqa: E402
 from daq_vllm.format import num_groups  # noqa: E402
@@ -70,11 +70,9 @@ def make_spec(experts: int, hidden: int, inter: int, dtype: torch.dtype, device:
 def loop_launches(shapes: dict, tokens: list[int], dtypes: list[str]) -> list[Launch]:
     """What the `loop` kernel's dense tuner will launch: each expert projection at every M class an
     expert's token count can fall in (T up to LOOP_MAX_T), every candidate config."""
-    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
-
-    return [Launch(CODEBOOK, GROUP, dtype, n, k, m, cfg)
-            for e, h, i in shapes.values() for n, k in ((2 * i, h), (h, i)) for dtype in dtypes
-            for m in m_classes(min(max(tokens), LOOP_MAX_T)) for cfg in candidate_configs(m) + v2_candidate_configs(m)]
+    projections = [nk for _, h, i in shapes.values() for nk in ((2 * i, h), (h, i))]
+    ms = m_classes(min(max(tokens), LOOP_MAX_T))
+    return [launch for dtype in dtypes for launch in tuner_launches(CODEBOOK, GROUP, dtype, projections, ms)]
 
 
 def routing(tokens: int, experts: int, device: str, top_k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,6 +74,15 @@ class Warmed:
                 f"({len(self.crashed)} lost the CUDA context), {self.seconds:.0f} s")
 
 
+def tuner_launches(fmt: str, group: int, dtype: str, shapes: list[tuple[int, int]], ms: list[int]) -> list[Launch]:
+    """What `triton_gemm`'s tuner launches for layers of these (N, K) at these M: every v1 and v2
+    candidate of each M's bucket (the layers carry the v2 layout, as `prepare()` makes it)."""
+    from daq_vllm.kernels.triton_gemm import candidate_configs, v2_candidate_configs
+
+    return [Launch(fmt, group, dtype, n, k, m, cfg)
+            for n, k in shapes for m in ms for cfg in candidate_configs(m) + v2_candidate_configs(m)]
+
+
 def m_classes(max_m: int) -> list[int]:
     """One M per (tuning bucket, specialization) for launches whose M varies up to `max_m` (an MoE
     expert's token count): the tuner keys M by its power-of-two bucket b (M in (b/2, b]), and Triton
