@@ -20,9 +20,10 @@
 #   bash benchmarks/gpu_check.sh                  # every step
 #   bash benchmarks/gpu_check.sh loader moe       # some of: kernels loader 3bit moe bf16 (a rerun after a fix)
 set -uo pipefail
-STEPS="${*:-kernels loader 3bit moe bf16}"
+ALL_STEPS="kernels loader 3bit moe bf16"
+STEPS="${*:-$ALL_STEPS}"
 for s in $STEPS; do
-  case "$s" in kernels|loader|3bit|moe|bf16) ;; *) echo "unknown step '$s' (steps: kernels loader 3bit moe bf16)" >&2; exit 2;; esac
+  [[ " $ALL_STEPS " == *" $s "* ]] || { echo "unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
 done
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results}"

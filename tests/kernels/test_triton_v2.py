@@ -189,6 +189,8 @@ def test_bf16_e2m1_decode_and_refolded_scale_give_the_table_decodes_weights():
     bit_decode = fma(float_to_bf16(values * 2.0**-126)[codes], float_to_bf16(bf16_to_float(folded) * 2.0**112))
     table = fma(float_to_bf16(values * 2.0**-14)[codes], folded)
     assert np.array_equal(bit_decode, table)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("values", [get_codebook("fp3_e2m0").values, get_codebook("int3").values,
                                     tuple(np.random.default_rng(5).standard_normal(8).tolist())])
