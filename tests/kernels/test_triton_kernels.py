@@ -146,6 +146,31 @@ def test_kernel_benchmark_smoke_runs(tmp_path):
     assert "Not measured on GPU" in (tmp_path / "kernels-smoke.md").read_text()
 
 
+def test_gpu_script_runs_every_asked_step_and_lists_the_failures(tmp_path):
+    """benchmarks/gpu_check.sh without a GPU: each asked-for step fails in its own way and the next
+    still runs; the failures file lists them and the exit status is 1; an unknown step name exits 2
+    before anything runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require(not torch.cuda.is_available(), "a GPU is present: the script would run for minutes")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(script), "loader", "moe"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    failures = (tmp_path / "failures.txt").read_text().splitlines()
+    assert [line.split(": ", 1)[1].split()[1] for line in failures] == [
+        "benchmarks/gpu_loader_check.py", "benchmarks/moe_kernel_bench.py"]
+    assert all(line.startswith("exit 1: ") for line in failures)
+    bad = subprocess.run(["bash", str(script), "loader", "bogus"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown step 'bogus' (steps: kernels loader 3bit moe bf16)" in bad.stderr
+    assert "==" not in bad.stdout
+
+
 def test_kernel_warmup_compiles_each_config_in_one_worker(monkeypatch):
     """The GPU benchmark's compile warm-up (benchmarks/triton_warmup.py): launches grouped so one job
     holds one config of one format (no two workers compile the same kernel), repeats dropped, every
